@@ -1,0 +1,60 @@
+"""Prometheus metrics, all in one registry so `/metrics` shows exactly Bastion's series.
+
+Names are part of the public interface (DESIGN.md "Admin listener"): they start with `bastion_`, the
+`decision` label takes `allow`, `deny`, `hold`, and token `kind` takes `input`, `output`, `cached`.
+Label values that come from outside (agent names, models) are bounded by the policy (agents) or truncated.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
+_UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+# --- proxy and policy ---------------------------------------------------------------------------------------
+REQUESTS = Counter("bastion_requests", "Agent requests decided, one per request (not per tunnel).",
+                   ["agent", "decision"], registry=REGISTRY)
+REFUSALS = Counter("bastion_refusals", "Requests Bastion answered itself, by error type.", ["type"],
+                   registry=REGISTRY)
+DECISION_SECONDS = Histogram("bastion_decision_seconds", "Time to evaluate the policy for one request.",
+                             buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+UPSTREAM_SECONDS = Histogram("bastion_upstream_seconds", "Time from forwarding a request to the end of the "
+                             "upstream response.", buckets=_UPSTREAM_BUCKETS, registry=REGISTRY)
+POLICY_RELOAD_SUCCESS = Gauge("bastion_policy_reload_success", "1 if the last policy (re)load succeeded.",
+                              registry=REGISTRY)
+POLICY_RELOADS = Counter("bastion_policy_reloads", "Policy reload attempts by result.", ["result"],
+                         registry=REGISTRY)
+POLICY_RULES = Gauge("bastion_policy_rules", "Rules in the active policy.", registry=REGISTRY)
+LLM_TOKENS = Counter("bastion_llm_tokens", "LLM tokens reported by upstream responses.",
+                     ["agent", "model", "kind"], registry=REGISTRY)
+
+# --- coordination -------------------------------------------------------------------------------------------
+LOCKS_HELD = Gauge("bastion_locks_held", "Task locks currently held (as last listed from the store).",
+                   registry=REGISTRY)
+LOCK_CONFLICTS = Counter("bastion_lock_conflicts", "Requests refused because another agent holds the lock.",
+                         registry=REGISTRY)
+LOCK_ACQUIRE_SECONDS = Histogram("bastion_lock_acquire_seconds", "Time to acquire or renew a task lock.",
+                                 buckets=(*_LATENCY_BUCKETS, 0.25, 0.5, 1.0), registry=REGISTRY)
+STORE_ERRORS = Counter("bastion_store_errors", "Store operations that failed (store unreachable).",
+                       ["operation"], registry=REGISTRY)
+APPROVALS_PENDING = Gauge("bastion_approvals_pending", "Approvals waiting for a human decision.",
+                          registry=REGISTRY)
+APPROVALS = Counter("bastion_approvals", "Approvals decided, by outcome.", ["outcome"], registry=REGISTRY)
+
+# --- audit --------------------------------------------------------------------------------------------------
+AUDIT_RECORDS = Counter("bastion_audit_records", "Audit records written to the sink.", registry=REGISTRY)
+AUDIT_BACKLOG = Gauge("bastion_audit_backlog", "Audit records accepted but not yet in the sink.",
+                      registry=REGISTRY)
+AUDIT_DROPPED = Counter("bastion_audit_dropped", "Audit records lost (spool unwritable).", ["reason"],
+                        registry=REGISTRY)
+AUDIT_WRITE_ERRORS = Counter("bastion_audit_write_errors", "Failed attempts to write to the audit sink.",
+                             registry=REGISTRY)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition body and its content type, for the admin listener."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

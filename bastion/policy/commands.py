@@ -1,0 +1,186 @@
+"""Policy authors' commands: `check`, `explain`, `test`, `token`.
+
+Exit codes follow DESIGN.md: `check` 0 ok / 3 invalid; `explain` 0 allow / 2 deny or hold / 3 invalid policy;
+`test` 0 all pass / 1 any failure / 3 invalid policy. Problems are printed as `FILE:LINE: message`, never as
+a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from bastion.config import resolve_rules
+from bastion.policy.engine import Policy
+from bastion.policy.load import PolicyLoadError, load_policy
+
+EXIT_OK, EXIT_FAIL, EXIT_REFUSED, EXIT_INVALID = 0, 1, 2, 3
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("check", help="validate rules (exit 0 ok, 3 invalid)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="rules file or directory")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(handler=cmd_check)
+
+    p = sub.add_parser("explain", help="show how the rules decide one request (exit 0 allow, 2 deny/hold)")
+    p.add_argument("--rules", action="append", metavar="PATH", help="rules file or directory (BASTION_RULES)")
+    p.add_argument("--agent", required=True, help="the calling agent")
+    p.add_argument("method", help="HTTP method")
+    p.add_argument("url", help="absolute URL, like https://api.openai.com/v1/chat/completions")
+    p.add_argument("--body", help="request body: JSON text, or @FILE")
+    p.add_argument("--header", action="append", default=[], metavar="'K: V'", help="request header; repeatable")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(handler=cmd_explain)
+
+    p = sub.add_parser("test", help="run YAML policy tests (exit 0 all pass, 1 any failure)")
+    p.add_argument("--rules", action="append", metavar="PATH", help="rules file or directory (BASTION_RULES)")
+    p.add_argument("files", nargs="+", metavar="TESTFILE")
+    p.set_defaults(handler=cmd_test)
+
+    p = sub.add_parser("token", help="make a new random token and the YAML line holding its sha256")
+    p.add_argument("name", help="agent or user name")
+    p.set_defaults(handler=cmd_token)
+
+
+def _load(paths: list[str]) -> Policy | None:
+    try:
+        return load_policy(paths)
+    except PolicyLoadError as e:
+        for issue in e.issues:
+            print(issue, file=sys.stderr)
+        print(f"policy invalid: {len(e.issues)} problem(s)", file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.paths)
+    except PolicyLoadError as e:
+        if args.format == "json":
+            print(json.dumps({"ok": False, "errors": [
+                {"file": i.file, "line": i.line, "message": i.message} for i in e.issues]}))
+        else:
+            for issue in e.issues:
+                print(issue)
+            print(f"invalid: {len(e.issues)} problem(s)", file=sys.stderr)
+        return EXIT_INVALID
+    if args.format == "json":
+        print(json.dumps({"ok": True, "revision": policy.revision, "files": list(policy.sources),
+                          "rules": len(policy.rules), "agents": len(policy.agents), "users": len(policy.users)}))
+    else:
+        print(f"ok: {len(policy.sources)} file(s), {len(policy.rules)} rule(s), {len(policy.agents)} agent(s), "
+              f"{len(policy.users)} user(s); revision {policy.revision[:12]}")
+    return EXIT_OK
+
+
+def _parse_headers(raw: list[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for h in raw:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"bad --header {h!r}: expected 'Name: value'")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    paths = resolve_rules(args.rules)
+    policy = _load(paths)
+    if policy is None:
+        return EXIT_INVALID
+    try:
+        headers = _parse_headers(args.header)
+        body: bytes | None = None
+        if args.body is not None:
+            body = Path(args.body[1:]).read_bytes() if args.body.startswith("@") else args.body.encode()
+            headers.setdefault("content-type", "application/json")
+        from bastion.policy.facts import RequestFacts
+
+        facts = RequestFacts.from_url(args.method, args.url, headers=headers, body=body)
+    except (ValueError, OSError) as e:
+        print(f"explain: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    if args.agent not in policy.agents:
+        print(f"explain: agent {args.agent!r} is not defined in the policy "
+              f"(agents: {', '.join(sorted(policy.agents)) or 'none'})", file=sys.stderr)
+        return EXIT_FAIL
+    d = policy.explain(facts, args.agent)
+    if args.format == "json":
+        print(json.dumps(d.to_json(), indent=2))
+    else:
+        _print_explanation(d, facts, args)
+    return EXIT_OK if d.effect == "allow" else EXIT_REFUSED
+
+
+def _print_explanation(d: Any, facts: Any, args: argparse.Namespace) -> None:
+    print(f"request: {args.agent} {facts.method} {facts.scheme}://{facts.host}:{facts.port}{facts.path}")
+    for t in d.trace:
+        mark = "ERROR" if t.error and t.matched else ("MATCH" if t.matched else "no   ")
+        print(f"  {mark} {t.rule} ({t.effect})")
+        for reason in t.reasons:
+            print(f"          {reason}")
+    for err in d.errors:
+        print(f"  error: {err}")
+    if d.reason == "default":
+        how = f"no rule matched: defaults.effect is {d.would_effect}"
+    elif d.reason == "rule":
+        how = f"strongest matched effect is {d.would_effect} (deny > hold > allow), from {', '.join(d.rules)}"
+    else:
+        how = d.message or d.reason
+    print(f"decision: {d.effect}  ({how})")
+    if d.mode == "report":
+        print(f"mode: report: the call goes through; enforce mode would {d.would_effect} it")
+    if d.message:
+        print(f"message: {d.message}")
+    for lk in d.locks:
+        print(f"lock: {lk.key} (ttl {lk.ttl:g}s, rule {lk.rule})")
+    for r in d.releases:
+        print(f"release: {r.key} (rule {r.rule})")
+    if d.approval:
+        groups = " and ".join("any of " + ", ".join(g) for g in d.approval.approvers)
+        print(f"approval: {groups}; agent waits {d.approval.wait:g}s, expires after {d.approval.timeout:g}s")
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from bastion.policy.testing import run_suites
+
+    paths = resolve_rules(args.rules)
+    policy = _load(paths)
+    if policy is None:
+        return EXIT_INVALID
+    report = run_suites(policy, [Path(f) for f in args.files])
+    for err in report.load_errors:
+        print(err)
+    for r in report.results:
+        where = f"{r.file}:{r.line}" if r.line else r.file
+        if r.passed:
+            print(f"PASS {r.name}")
+        else:
+            print(f"FAIL {r.name}  ({where})")
+            for p in r.problems:
+                print(f"     {p}")
+    if report.unexercised:
+        print(f"rules no test exercised: {', '.join(report.unexercised)}")
+    passed = sum(r.passed for r in report.results)
+    failed = len(report.results) - passed
+    print(f"policy tests: {passed} passed, {failed} failed")
+    if not report.results and not report.load_errors:
+        print("no test cases found", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    token = "bst_" + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    print(token)
+    print(f'{args.name}: {{token_sha256: "{digest}"}}')
+    print(f"# line 1: the secret token, give it to {args.name} only; line 2: goes under `agents:` or `users:` "
+          "in the rules", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,431 @@
+"""The compiled, immutable policy and its evaluation.
+
+Evaluation semantics (DESIGN.md "Rules"):
+
+- Every rule whose `agents` select the caller and whose `match` holds (and no `unless` block holds) *matches*.
+  Rule order never matters. The decision is the strongest matched effect: deny > hold > allow, else
+  `defaults.effect`.
+- A rule whose conditions cannot be evaluated (bad body, type mismatch, ambiguous query, missing template value)
+  never allows; a deny or hold rule that errors still applies. Every such error is named in the decision.
+- `report` mode (per agent, else `defaults.mode`) lets everything through and keeps the would-be decision.
+
+Rules are indexed per agent, then by host (exact names, then wildcard suffixes, then rules without a host),
+then by method, so evaluation cost grows with the rules that could match a request, not with the policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from bastion.policy.decision import (
+    EFFECT_RANK,
+    ApprovalSpec,
+    Decision,
+    Effect,
+    LockAction,
+    Mode,
+    ReleaseAction,
+    TraceEntry,
+)
+from bastion.policy.facts import EvalError, RequestFacts
+from bastion.policy.matchers import Captures, HostMatcher, Matcher, PathMatcher, SetMatcher, Template
+from bastion.policy.schema import RuleModel
+
+_DUMMY_SHA = "0" * 64
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    name: str
+    roles: frozenset[str]
+    token_sha256: str | None
+    status: str
+    mode: Mode
+    owner: str | None
+    description: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "roles": sorted(self.roles), "status": self.status, "mode": self.mode,
+                "owner": self.owner, "has_token": self.token_sha256 is not None,
+                "description": self.description}
+
+
+@dataclass(frozen=True, slots=True)
+class UserSpec:
+    name: str
+    roles: frozenset[str]
+    token_sha256: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "roles": sorted(self.roles)}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    max_body_bytes: int = 1 << 20
+    redact_headers: tuple[str, ...] = ()
+    redact_json_keys: tuple[str, ...] = ()
+    redact_patterns: tuple[str, ...] = ()
+    on_failure: str = "deny"
+    retention_records: float | None = None
+    retention_bodies: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnlessBlock:
+    matchers: tuple[Matcher, ...]
+
+
+@dataclass(slots=True)
+class CompiledRule:
+    id: str
+    effect: Effect
+    selectors: tuple[str, ...]
+    matchers: tuple[Matcher, ...]  # cheapest first
+    unless: tuple[UnlessBlock, ...]
+    locks: tuple[tuple[Template, float], ...]
+    releases: tuple[Template, ...]
+    approval: ApprovalSpec | None
+    message: str | None
+    source: str  # "file:line"
+    model: RuleModel = field(repr=False)
+    hosts: tuple[Any, ...] = ()  # HostPattern objects, for the index
+    methods: frozenset[str] | None = None
+    ports: frozenset[int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.model.model_dump(mode="json", by_alias=True, exclude_none=True)
+        out["source"] = self.source
+        return out
+
+    def outcome(self, facts: RequestFacts, caps: Captures) -> tuple[bool, str | None]:
+        """(applies, error). A definite mismatch of any condition means the rule does not apply. Otherwise an
+        error fails closed: it never lets an allow rule apply, and a deny or hold rule still applies."""
+        error = _all_hold(self.matchers, facts, caps)
+        if error is False:
+            return False, None
+        if error is None:
+            for block in self.unless:
+                held = _all_hold(block.matchers, facts, {})
+                if held is None:
+                    return False, None  # the exception holds
+                if held is not False:
+                    error = held  # cannot tell whether the exception holds
+                    break
+        if error is not None:
+            return self.effect != "allow", f"rule {self.id}: {error}"
+        return True, None
+
+
+def _all_hold(matchers: tuple[Matcher, ...], facts: RequestFacts, caps: Captures) -> str | bool | None:
+    """None if every matcher holds, False if one definitely does not, else the first evaluation error."""
+    error: str | None = None
+    for m in matchers:
+        try:
+            if not m.test(facts, caps):
+                return False
+        except EvalError as e:
+            error = error or str(e)
+    return error
+
+
+class _Bucket:
+    """Rules for one host key, split by method."""
+
+    __slots__ = ("any_method", "by_method")
+
+    def __init__(self) -> None:
+        self.by_method: dict[str, list[CompiledRule]] = {}
+        self.any_method: list[CompiledRule] = []
+
+    def add(self, rule: CompiledRule) -> None:
+        if rule.methods is None:
+            self.any_method.append(rule)
+        else:
+            for m in rule.methods:
+                self.by_method.setdefault(m, []).append(rule)
+
+    def candidates(self, method: str) -> list[CompiledRule]:
+        specific = self.by_method.get(method)
+        if specific is None:
+            return self.any_method
+        return specific + self.any_method if self.any_method else specific
+
+
+class _AgentIndex:
+    """One agent's rules, indexed by host then method."""
+
+    __slots__ = ("any_host", "exact", "ports", "wildcard")
+
+    def __init__(self, rules: Iterable[CompiledRule]) -> None:
+        self.exact: dict[str, _Bucket] = {}
+        self.wildcard: dict[str, _Bucket] = {}
+        self.any_host = _Bucket()
+        ports: set[int] | None = set()
+        for r in rules:
+            if not r.hosts:
+                self.any_host.add(r)
+            for hp in r.hosts:
+                table = self.exact if hp.exact is not None else self.wildcard
+                key = hp.exact if hp.exact is not None else hp.suffix
+                table.setdefault(key, _Bucket()).add(r)
+            if r.effect != "deny" and ports is not None:
+                ports = None if r.ports is None else ports | r.ports
+        self.ports = ports  # None: some allow/hold rule accepts any port
+
+    def candidates(self, facts: RequestFacts) -> list[CompiledRule]:
+        host, method = facts.host, facts.method
+        found: list[list[CompiledRule]] = []
+        b = self.exact.get(host)
+        if b is not None:
+            found.append(b.candidates(method))
+        if self.wildcard:
+            dot = host.find(".")
+            while dot != -1:
+                b = self.wildcard.get(host[dot + 1:])
+                if b is not None:
+                    found.append(b.candidates(method))
+                dot = host.find(".", dot + 1)
+        found.append(self.any_host.candidates(method))
+        lists = [lst for lst in found if lst]
+        if len(lists) == 1:
+            return lists[0]
+        return list({id(r): r for lst in lists for r in lst}.values())
+
+
+class Policy:
+    """An immutable, compiled policy. Build it with `bastion.policy.load.load_policy`."""
+
+    def __init__(
+        self,
+        *,
+        default_effect: Effect,
+        default_mode: Mode,
+        agents: dict[str, AgentSpec],
+        users: dict[str, UserSpec],
+        rules: list[CompiledRule],
+        network_allow_private: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+        audit: AuditSettings,
+        revision: str,
+        sources: tuple[str, ...],
+    ) -> None:
+        self.default_effect: Effect = default_effect
+        self.default_mode: Mode = default_mode
+        self.agents: Mapping[str, AgentSpec] = MappingProxyType(agents)
+        self.users: Mapping[str, UserSpec] = MappingProxyType(users)
+        self.rules: tuple[CompiledRule, ...] = tuple(rules)
+        self.network_allow_private = network_allow_private
+        self.audit = audit
+        self.revision = revision
+        self.sources = sources
+        self._index = {name: _AgentIndex(r for r in rules if self._selects(r.selectors, a)) for name, a in
+                       agents.items()}
+
+    # -- identity -------------------------------------------------------------------------------------------
+
+    def authenticate_agent(self, name: str, token: str) -> AgentSpec | None:
+        """Constant-time check of the token's sha256; unknown names cost the same as wrong tokens."""
+        agent = self.agents.get(name)
+        expected = agent.token_sha256 if agent is not None and agent.token_sha256 else _DUMMY_SHA
+        given = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+        ok = hmac.compare_digest(given, expected)
+        return agent if ok and agent is not None and agent.token_sha256 else None
+
+    def authenticate_user(self, token: str) -> UserSpec | None:
+        given = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+        found = None
+        for user in self.users.values():  # no early exit: time does not depend on which user matched
+            if user.token_sha256 and hmac.compare_digest(given, user.token_sha256):
+                found = user
+        return found
+
+    @staticmethod
+    def user_matches(user: UserSpec, selectors: Iterable[str]) -> bool:
+        """Does `user` satisfy any of `selectors` ("alice", "role:admin", "*")?"""
+        return selects(selectors, user.name, user.roles)
+
+    @staticmethod
+    def _selects(selectors: Iterable[str], agent: AgentSpec) -> bool:
+        return selects(selectors, agent.name, agent.roles)
+
+    def connect_port_allowed(self, agent: str, port: int) -> bool:
+        idx = self._index.get(agent)
+        if idx is None:
+            return False
+        if self.default_effect == "allow" or idx.ports is None:
+            return True
+        return port in idx.ports
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+
+    def evaluate(self, facts: RequestFacts, agent: str) -> Decision:
+        spec = self.agents.get(agent)
+        if spec is None:
+            return self._refuse(agent, "unknown_agent", f"agent {agent!r} is not defined in the policy")
+        if spec.status == "retired":
+            return self._refuse(agent, "agent_retired", f"agent {agent!r} is retired")
+        matched: list[tuple[CompiledRule, Captures]] = []
+        errors: list[str] = []
+        for rule in self._index[agent].candidates(facts):
+            caps: Captures = {}
+            applies, err = rule.outcome(facts, caps)
+            if err is not None:
+                errors.append(err)
+            if applies:
+                matched.append((rule, caps))
+        return self._combine(facts, spec, matched, errors, ())
+
+    def explain(self, facts: RequestFacts, agent: str) -> Decision:
+        """Like `evaluate`, but considers every rule and says why each matched or not."""
+        spec = self.agents.get(agent)
+        if spec is None:
+            return self._refuse(agent, "unknown_agent", f"agent {agent!r} is not defined in the policy")
+        if spec.status == "retired":
+            return self._refuse(agent, "agent_retired", f"agent {agent!r} is retired")
+        matched: list[tuple[CompiledRule, Captures]] = []
+        errors: list[str] = []
+        trace: list[TraceEntry] = []
+        for rule in sorted(self.rules, key=lambda r: r.id):
+            if not self._selects(rule.selectors, spec):
+                trace.append(TraceEntry(rule.id, rule.effect, False,
+                                        (f"agent {agent} is not selected by {list(rule.selectors)}",)))
+                continue
+            reasons, caps, ok, err = _explain_rule(rule, facts)
+            if err is not None:
+                errors.append(err)
+                applies = rule.effect != "allow"
+                reasons.append("cannot be evaluated: " + ("applies anyway (fails closed)" if applies else
+                                                          "an allow rule that errors never allows"))
+                ok = applies
+            if ok:
+                matched.append((rule, caps))
+            trace.append(TraceEntry(rule.id, rule.effect, ok, tuple(reasons), err))
+        return self._combine(facts, spec, matched, errors, tuple(trace))
+
+    def _refuse(self, agent: str, reason: str, message: str) -> Decision:
+        return Decision(effect="deny", would_effect="deny", mode="enforce", agent=agent, reason=reason,
+                        message=message, revision=self.revision)
+
+    def _combine(
+        self,
+        facts: RequestFacts,
+        agent: AgentSpec,
+        matched: list[tuple[CompiledRule, Captures]],
+        errors: list[str],
+        trace: tuple[TraceEntry, ...],
+    ) -> Decision:
+        top = 0
+        for rule, _ in matched:
+            rank = EFFECT_RANK[rule.effect]
+            if rank > top:
+                top = rank
+        if top == 0:
+            return Decision(
+                effect="allow" if agent.mode == "report" else self.default_effect,
+                would_effect=self.default_effect, mode=agent.mode, agent=agent.name, reason="default",
+                errors=tuple(errors), trace=trace, revision=self.revision,
+            )
+        winners = sorted((rc for rc in matched if EFFECT_RANK[rc[0].effect] == top), key=lambda rc: rc[0].id)
+        would: Effect = winners[0][0].effect
+        captures: Captures = {}
+        for _, caps in winners:
+            for k, v in caps.items():
+                captures.setdefault(k, v)
+        message = next((r.message for r, _ in winners if r.message), None)
+        locks: list[LockAction] = []
+        releases: list[ReleaseAction] = []
+        approval = None
+        enforce = agent.mode == "enforce"
+        if would != "deny" and enforce:
+            try:
+                for rule, caps in sorted(matched, key=lambda rc: rc[0].id):
+                    if rule.effect == "deny":
+                        continue
+                    for tpl, ttl in rule.locks:
+                        locks.append(LockAction(tpl.render(facts, caps, agent.name), ttl, rule.id))
+                    for tpl in rule.releases:
+                        releases.append(ReleaseAction(tpl.render(facts, caps, agent.name), rule.id))
+            except EvalError as e:
+                # A lock key we cannot compute must not turn into "no lock": refuse the call.
+                errors.append(f"rule {rule.id}: {e}")
+                return Decision(effect="deny", would_effect="deny", mode=agent.mode, agent=agent.name,
+                                rules=(rule.id,), reason="rule", captures=captures,
+                                message=f"cannot compute the lock key of rule {rule.id}: {e}",
+                                errors=tuple(errors), trace=trace, revision=self.revision)
+            if would == "hold":
+                specs = [r.approval for r, _ in winners if r.approval is not None]
+                approval = ApprovalSpec(
+                    approvers=tuple(g for s in specs for g in s.approvers),
+                    wait=min(s.wait for s in specs),
+                    timeout=min(s.timeout for s in specs),
+                    rules=tuple(r.id for r, _ in winners),
+                )
+        return Decision(
+            effect=would if enforce else "allow", would_effect=would, mode=agent.mode, agent=agent.name,
+            rules=tuple(r.id for r, _ in winners), reason="rule", message=message, captures=captures,
+            errors=tuple(errors), locks=tuple(locks), releases=tuple(releases), approval=approval,
+            trace=trace, revision=self.revision,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "revision": self.revision,
+            "sources": list(self.sources),
+            "defaults": {"effect": self.default_effect, "mode": self.default_mode},
+            "agents": [a.to_json() for a in self.agents.values()],
+            "users": [u.to_json() for u in self.users.values()],
+            "rules": [r.to_json() for r in self.rules],
+            "network": {"allow_private": [str(n) for n in self.network_allow_private]},
+        }
+
+
+def selects(selectors: Iterable[str], name: str, roles: frozenset[str]) -> bool:
+    """Selector semantics shared by rule `agents` and approval `approvers`: a name, `role:NAME`, or `*`."""
+    return any(s == "*" or s == name or (s.startswith("role:") and s[5:] in roles) for s in selectors)
+
+
+def _explain_rule(rule: CompiledRule, facts: RequestFacts) -> tuple[list[str], Captures, bool, str | None]:
+    """Run every matcher of one rule (no short-circuit) and collect a reason per matcher."""
+    reasons: list[str] = []
+    caps: Captures = {}
+    ok = True
+    error = None
+    if not rule.matchers:
+        reasons.append("no match conditions: matches every request of its agents")
+    for m in rule.matchers:
+        res, text = m.explain(facts, caps)
+        reasons.append(text)
+        if res is None:
+            error = error or f"rule {rule.id}: {text}"
+        elif not res:
+            ok = False
+    if ok and error is None:
+        for i, block in enumerate(rule.unless):
+            results = [m.explain(facts, {}) for m in block.matchers]
+            if any(r is False for r, _ in results):
+                reasons.append(f"unless[{i}] does not hold")
+            elif any(r is None for r, _ in results):
+                error = f"rule {rule.id}: unless[{i}]: " + "; ".join(t for r, t in results if r is None)
+                break
+            else:
+                ok = False
+                reasons.append(f"unless[{i}] holds ({'; '.join(t for _, t in results)}): exception applies")
+                break
+    if not ok:
+        return reasons, caps, False, None  # a definite mismatch outweighs an error elsewhere
+    return reasons, caps, True, error
+
+
+def build_set_matcher(kind: str, values: frozenset[Any]) -> SetMatcher:
+    getters = {"method": lambda f: f.method, "scheme": lambda f: f.scheme, "port": lambda f: f.port}
+    return SetMatcher(kind, values, getters[kind])
+
+
+__all__ = ["AgentSpec", "AuditSettings", "CompiledRule", "HostMatcher", "PathMatcher", "Policy", "UnlessBlock",
+           "UserSpec", "build_set_matcher"]

@@ -1,0 +1,447 @@
+"""Files and directories -> one immutable `Policy`, or every problem as `FILE:LINE: message`.
+
+A directory contributes every `*.yaml`/`*.yml` directly inside it, in name order, skipping hidden files (so
+Kubernetes ConfigMap mounts, whose real files sit in `..data/`, load once through their symlinks) and
+`*_test.yaml` suites (so `bastion test` files may sit beside the rules). Files merge: agents, users and rules
+from all of them, `defaults` and `audit` from exactly one, network allowances from all. The loader collects
+every error before giving up, so one `bastion check` run shows them all.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from bastion.policy.engine import (
+    AgentSpec,
+    AuditSettings,
+    CompiledRule,
+    HostMatcher,
+    PathMatcher,
+    Policy,
+    UnlessBlock,
+    UserSpec,
+    build_set_matcher,
+)
+from bastion.policy.matchers import (
+    CompileError,
+    Matcher,
+    Template,
+    compile_fields,
+    compile_host,
+    compile_path,
+    compile_template,
+)
+from bastion.policy.schema import NAME, MatchModel, PolicyFile, RuleModel
+from bastion.policy.yamlsource import YamlDocument, parse_yaml
+
+POLICY_SUFFIXES = (".yaml", ".yml")
+TEST_SUFFIXES = ("_test.yaml", "_test.yml")
+_METHOD_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~")
+_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+
+
+@dataclass(frozen=True)
+class PolicyIssue:
+    file: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}" if self.line else f"{self.file}: {self.message}"
+
+
+class PolicyLoadError(Exception):
+    """The policy is invalid. `issues` holds every problem found; str() prints one per line."""
+
+    def __init__(self, issues: list[PolicyIssue]) -> None:
+        super().__init__("\n".join(map(str, issues)))
+        self.issues = issues
+
+
+def policy_files(paths: typing.Sequence[str | Path]) -> tuple[list[Path], list[PolicyIssue]]:
+    files: list[Path] = []
+    issues: list[PolicyIssue] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(
+                c for c in p.iterdir()
+                if c.name.endswith(POLICY_SUFFIXES) and not c.name.endswith(TEST_SUFFIXES)
+                and not c.name.startswith(".") and c.is_file()
+            )
+            if not found:
+                issues.append(PolicyIssue(str(p), None, "directory holds no *.yaml or *.yml policy files"))
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            issues.append(PolicyIssue(str(p), None, "no such file or directory"))
+    if not paths:
+        issues.append(PolicyIssue("<rules>", None, "no rules given: pass --rules PATH or set BASTION_RULES"))
+    return files, issues
+
+
+@dataclass
+class _Source:
+    file: str
+    doc: YamlDocument
+    model: PolicyFile
+
+    def at(self, path: tuple[str | int, ...], message: str) -> PolicyIssue:
+        return PolicyIssue(self.file, self.doc.line_of(path), message)
+
+
+def load_policy(paths: typing.Sequence[str | Path]) -> Policy:
+    """Load, validate and compile. Raises PolicyLoadError listing every problem."""
+    files, issues = policy_files(paths)
+    sources: list[_Source] = []
+    digest = hashlib.sha256()
+    for f in files:
+        name = str(f)
+        try:
+            raw = f.read_bytes()
+            text = raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            issues.append(PolicyIssue(name, None, f"cannot read: {e}"))
+            continue
+        digest.update(name.encode() + b"\0" + raw + b"\0")
+        src = _parse_file(name, text, issues)
+        if src is not None:
+            sources.append(src)
+    if issues:
+        raise PolicyLoadError(issues)
+    policy = _compile(sources, issues, digest.hexdigest(), tuple(str(f) for f in files))
+    if issues or policy is None:
+        raise PolicyLoadError(issues)
+    return policy
+
+
+def _parse_file(name: str, text: str, issues: list[PolicyIssue]) -> _Source | None:
+    doc = parse_yaml(text)
+    issues.extend(PolicyIssue(name, i.line, i.message) for i in doc.issues)
+    if doc.issues:
+        return None
+    if doc.data is None:
+        issues.append(PolicyIssue(name, None, "the file is empty: a policy needs at least `version: 1`"))
+        return None
+    if not isinstance(doc.data, dict):
+        issues.append(PolicyIssue(name, doc.line_of(()), "a policy file must be a mapping with `version: 1`"))
+        return None
+    try:
+        model = PolicyFile.model_validate(doc.data)
+    except pydantic.ValidationError as e:
+        for err in e.errors():
+            issues.append(PolicyIssue(name, doc.line_of(err["loc"]), _explain_pydantic(err)))
+        return None
+    return _Source(name, doc, model)
+
+
+def _explain_pydantic(err: Any) -> str:
+    loc = err["loc"]
+    where = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        known = _known_keys(loc[:-1])
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else (f"; expected one of: {', '.join(known)}"
+                                                              if known else "")
+        return f"unknown key {key!r}{hint}"
+    if kind == "missing":
+        return f"{where}: required"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{where}: expected {expected}, got {err.get('input')!r}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"{where}: {msg}" if where else msg
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at `loc`, found by walking the models along the path."""
+    model: Any = PolicyFile
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        if not (isinstance(model, type) and issubclass(model, pydantic.BaseModel)):
+            model = None
+            continue
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        f = fields.get(str(part))
+        if f is None:
+            continue  # a dict key (agent or user name): stay on the value model
+        model = _inner_model(f.annotation)
+    if isinstance(model, type) and issubclass(model, pydantic.BaseModel):
+        return [f.alias or n for n, f in model.model_fields.items()]
+    return []
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Merge and compile
+
+
+def _compile(
+    sources: list[_Source], issues: list[PolicyIssue], revision: str, files: tuple[str, ...]
+) -> Policy | None:
+    defaults_at: list[_Source] = [s for s in sources if s.model.defaults is not None]
+    if not defaults_at:
+        first = sources[0].file if sources else "<rules>"
+        issues.append(PolicyIssue(first, None, "defaults.effect is required (add `defaults: {effect: deny}`)"))
+        return None
+    for extra in defaults_at[1:]:
+        issues.append(extra.at(("defaults",), f"`defaults` is already set in {defaults_at[0].file}:"
+                                              f"{defaults_at[0].doc.line_of(('defaults',))}"))
+    audits = [s for s in sources if s.model.audit is not None]
+    for extra in audits[1:]:
+        issues.append(extra.at(("audit",), f"`audit` is already set in {audits[0].file}"))
+    defaults = defaults_at[0].model.defaults
+    assert defaults is not None
+
+    agents: dict[str, AgentSpec] = {}
+    users: dict[str, UserSpec] = {}
+    seen_at: dict[tuple[str, str], str] = {}
+
+    def first_time(kind: str, name: str, src: _Source, path: tuple[str | int, ...]) -> bool:
+        where = f"{src.file}:{src.doc.line_of(path)}"
+        if (kind, name) in seen_at:
+            issues.append(src.at(path, f"duplicate {kind} {name!r} (first defined at {seen_at[(kind, name)]})"))
+            return False
+        seen_at[(kind, name)] = where
+        return True
+
+    for src in sources:
+        for name, u in src.model.users.items():
+            path = ("users", name)
+            if not NAME.match(name):
+                issues.append(src.at(path, f"bad user name {name!r}: letters, digits and _ . @ -"))
+            elif first_time("user", name, src, path):
+                users[name] = UserSpec(name, frozenset(u.roles), u.token_sha256)
+        for name, a in src.model.agents.items():
+            path = ("agents", name)
+            if not NAME.match(name):
+                issues.append(src.at(path, f"bad agent name {name!r}: letters, digits and _ . @ -"))
+            elif first_time("agent", name, src, path):
+                agents[name] = AgentSpec(name, frozenset(a.roles), a.token_sha256, a.status,
+                                         a.mode or defaults.mode, a.owner, a.description)
+    for src in sources:
+        for name, a in src.model.agents.items():
+            if a.owner is not None and a.owner not in users:
+                issues.append(src.at(("agents", name, "owner"), f"owner {a.owner!r} is not a defined user"))
+
+    agent_roles = {r for a in agents.values() for r in a.roles}
+    user_roles = {r for u in users.values() for r in u.roles} | {"approver", "admin"}
+    rules: list[CompiledRule] = []
+    for src in sources:
+        for i, rm in enumerate(src.model.rules):
+            path: tuple[str | int, ...] = ("rules", i)
+            if not first_time("rule id", rm.id, src, (*path, "id")):
+                continue
+            try:
+                rules.append(_compile_rule(rm, src, path, agents, agent_roles, users, user_roles))
+            except CompileError as e:
+                issues.append(src.at((*path, *e.subpath), f"rule {rm.id}: {e.message}"))
+
+    networks = []
+    for src in sources:
+        if src.model.network is None:
+            continue
+        for i, cidr in enumerate(src.model.network.allow_private):
+            try:
+                networks.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                issues.append(src.at(("network", "allow_private", i),
+                                     f"{cidr!r} is not an IP network (like 127.0.0.0/8 or ::1/128)"))
+    audit = AuditSettings()
+    if audits:
+        am = audits[0].model.audit
+        assert am is not None
+        import re
+
+        for i, pattern in enumerate(am.redact_patterns):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                issues.append(audits[0].at(("audit", "redact_patterns", i), f"bad regex {pattern!r}: {e}"))
+        audit = AuditSettings(
+            max_body_bytes=am.max_body_bytes,
+            redact_headers=tuple(h.lower() for h in am.redact_headers),
+            redact_json_keys=tuple(am.redact_json_keys),
+            redact_patterns=tuple(am.redact_patterns),
+            on_failure=am.on_failure,
+            retention_records=am.retention.records if am.retention else None,
+            retention_bodies=am.retention.bodies if am.retention else None,
+        )
+    if issues:
+        return None
+    return Policy(default_effect=defaults.effect, default_mode=defaults.mode, agents=agents, users=users,
+                  rules=rules, network_allow_private=tuple(networks), audit=audit, revision=revision,
+                  sources=files)
+
+
+def _compile_rule(
+    rm: RuleModel,
+    src: _Source,
+    path: tuple[str | int, ...],
+    agents: dict[str, AgentSpec],
+    agent_roles: set[str],
+    users: dict[str, UserSpec],
+    user_roles: set[str],
+) -> CompiledRule:
+    for j, sel in enumerate(rm.agents):
+        sub = ("agents", j)
+        if sel == "*":
+            continue
+        if sel.startswith("role:"):
+            if sel[5:] not in agent_roles:
+                raise CompileError(f"no agent has role {sel[5:]!r}", sub)
+        elif sel not in agents:
+            close = difflib.get_close_matches(sel, list(agents), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise CompileError(f"agent {sel!r} is not defined under `agents`{hint}", sub)
+    if rm.effect == "deny" and (rm.lock or rm.release):
+        raise CompileError("a deny rule cannot take or release a lock", ("lock" if rm.lock else "release",))
+    if rm.approval is not None and rm.effect != "hold":
+        raise CompileError("`approval` only belongs on a rule with effect: hold", ("approval",))
+    if rm.message is not None and rm.effect == "allow":
+        raise CompileError("`message` is shown to agents on refusals; an allow rule never shows it", ("message",))
+
+    hosts: tuple[Any, ...] = ()
+    methods: frozenset[str] | None = None
+    ports: frozenset[int] | None = None
+    matchers: list[Matcher] = []
+    captures: frozenset[str] | None = None
+    if rm.match is not None:
+        matchers, hosts, methods, ports, captures = _compile_match(rm.match, ("match",))
+    unless: list[UnlessBlock] = []
+    blocks = rm.unless if isinstance(rm.unless, list) else [rm.unless] if rm.unless is not None else []
+    for k, block in enumerate(blocks):
+        sub = ("unless", k) if isinstance(rm.unless, list) else ("unless",)
+        ms, *_ = _compile_match(block, sub)
+        if not ms:
+            raise CompileError("an empty `unless` block would exempt every request", sub)
+        unless.append(UnlessBlock(tuple(ms)))
+
+    def template(text: str, sub: tuple[str | int, ...]) -> Template:
+        try:
+            tpl = compile_template(text)
+        except CompileError as e:
+            raise CompileError(e.message, sub) from None
+        missing = tpl.captures - (captures or frozenset())
+        if missing:
+            name = sorted(missing)[0]
+            raise CompileError(f"{{{name}}} is not captured by this rule's `match.path` (every path pattern "
+                               "must capture it)", sub)
+        return tpl
+
+    locks = ((template(rm.lock.key, ("lock", "key")), rm.lock.ttl),) if rm.lock else ()
+    rel = [rm.release] if isinstance(rm.release, str) else rm.release or []
+    releases = tuple(template(r, ("release", k) if isinstance(rm.release, list) else ("release",))
+                     for k, r in enumerate(rel))
+    approval = None
+    if rm.effect == "hold":
+        from bastion.policy.decision import ApprovalSpec
+        from bastion.policy.schema import ApprovalModel
+
+        am = rm.approval or ApprovalModel()
+        for j, sel in enumerate(am.approvers):
+            sub = ("approval", "approvers", j)
+            if sel.startswith("role:"):
+                if sel[5:] not in user_roles:
+                    raise CompileError(f"no user has role {sel[5:]!r}", sub)
+            elif sel != "*" and sel not in users:
+                raise CompileError(f"approver {sel!r} is not a defined user", sub)
+        approval = ApprovalSpec((tuple(am.approvers),), am.wait, am.timeout, (rm.id,))
+    return CompiledRule(
+        id=rm.id, effect=rm.effect, selectors=tuple(rm.agents), matchers=tuple(matchers),
+        unless=tuple(unless), locks=locks, releases=releases, approval=approval, message=rm.message,
+        source=f"{src.file}:{src.doc.line_of(path)}", model=rm, hosts=hosts, methods=methods, ports=ports,
+    )
+
+
+def _as_list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else [v]
+
+
+def _compile_match(
+    m: MatchModel, base: tuple[str | int, ...]
+) -> tuple[list[Matcher], tuple[Any, ...], frozenset[str] | None, frozenset[int] | None, frozenset[str] | None]:
+    """One `match:` (or `unless:`) block -> matchers sorted cheapest first, plus index keys."""
+
+    def sub(key: str, i: int | None = None, rest: tuple[str | int, ...] = ()) -> tuple[str | int, ...]:
+        return (*base, key, *(() if i is None else (i,)), *rest)
+
+    def each(key: str, value: Any, fn: Any) -> list[Any]:
+        items = _as_list(value)
+        if not items:
+            raise CompileError(f"`{key}` is an empty list", sub(key))
+        out = []
+        for i, item in enumerate(items):
+            try:
+                out.append(fn(item))
+            except CompileError as e:
+                raise CompileError(e.message, sub(key, i if isinstance(value, list) else None)) from None
+        return out
+
+    matchers: list[Matcher] = []
+    hosts: tuple[Any, ...] = ()
+    methods = ports = captures = None
+    if m.host is not None:
+        hosts = tuple(each("host", m.host, compile_host))
+        matchers.append(HostMatcher(hosts))
+    if m.method is not None:
+        methods = frozenset(each("method", m.method, _method))
+        matchers.append(build_set_matcher("method", methods))
+    if m.scheme is not None:
+        matchers.append(build_set_matcher("scheme", frozenset(each("scheme", m.scheme, _scheme))))
+    if m.port is not None:
+        ports = frozenset(each("port", m.port, _port))
+        matchers.append(build_set_matcher("port", ports))
+    if m.path is not None:
+        patterns = tuple(each("path", m.path, compile_path))
+        captures = frozenset.intersection(*(p.captures for p in patterns))
+        matchers.append(PathMatcher(patterns))
+    for kind, spec in (("query", m.query), ("headers", m.headers), ("json", m.json_)):
+        if spec is None:
+            continue
+        try:
+            matchers.append(compile_fields(kind, spec))
+        except CompileError as e:
+            raise CompileError(e.message, sub(kind, None, e.subpath)) from None
+    matchers.sort(key=lambda x: x.cost)
+    return matchers, hosts, methods, ports, captures
+
+
+def _method(v: Any) -> str:
+    if not isinstance(v, str) or not v or not set(v.upper()) <= _METHOD_CHARS:
+        raise CompileError(f"bad HTTP method {v!r}")
+    return v.upper()
+
+
+def _scheme(v: Any) -> str:
+    if not isinstance(v, str) or v.lower() not in _SCHEMES:
+        raise CompileError(f"scheme must be one of {sorted(_SCHEMES)}, got {v!r}")
+    return v.lower()
+
+
+def _port(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 65536:
+        raise CompileError(f"bad port {v!r}")
+    return v

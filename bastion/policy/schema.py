@@ -1,0 +1,168 @@
+"""Pydantic models of the rules YAML: the structure, types and closed key sets.
+
+Structural checks live here (types, unknown keys, required fields, value formats). Checks that need the whole
+policy (undefined agents or roles, duplicate ids across files, bad regexes, template names) live in the
+compiler (`engine.py`), which reports them with the same `FILE:LINE` precision.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`30s`, `15m`, `1h`, `1h30m`, `500ms`, `2d`, or a plain number of seconds. Always > 0."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be like 30s, 15m or 1h")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        pos, seconds = 0, 0.0
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+            pos = m.end()
+        if pos != len(text) or not text:
+            raise ValueError(f"bad duration {value!r}: use a number with a unit, like 30s, 15m, 1h or 1h30m")
+    else:
+        raise ValueError("a duration must be like 30s, 15m or 1h")
+    if seconds <= 0:
+        raise ValueError(f"duration {value!r} must be greater than zero")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+StrOrList = str | list[str]
+
+RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _sha256(value: str | None) -> str | None:
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if not SHA256_HEX.match(v):
+        raise ValueError("token_sha256 must be 64 hex characters (run `bastion token NAME` to make one)")
+    return v
+
+
+class Defaults(Strict):
+    effect: Literal["allow", "deny"]
+    mode: Literal["enforce", "report"] = "enforce"
+
+
+class AgentModel(Strict):
+    roles: list[str] = Field(default_factory=list)
+    token_sha256: str | None = None
+    status: Literal["active", "retired"] = "active"
+    mode: Literal["enforce", "report"] | None = None
+    owner: str | None = None
+    description: str | None = None
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        return _sha256(v)
+
+
+class UserModel(Strict):
+    roles: list[str] = Field(default_factory=list)
+    token_sha256: str | None = None
+    description: str | None = None
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        return _sha256(v)
+
+
+class MatchModel(Strict):
+    """Every key is optional; all given keys must match (AND). Lists inside a key mean any of (OR)."""
+
+    host: StrOrList | None = None
+    port: int | list[int] | None = None
+    scheme: StrOrList | None = None
+    method: StrOrList | None = None
+    path: StrOrList | None = None
+    query: dict[str, Any] | None = None
+    headers: dict[str, Any] | None = None
+    json_: dict[str, Any] | None = Field(default=None, alias="json")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class LockModel(Strict):
+    key: str
+    ttl: Duration = 900.0
+
+
+class ApprovalModel(Strict):
+    approvers: list[str] = Field(default_factory=lambda: ["role:approver"], min_length=1)
+    wait: Duration = 30.0
+    timeout: Duration = 3600.0
+
+
+class RuleModel(Strict):
+    id: str
+    effect: Literal["allow", "deny", "hold"]
+    agents: list[str] = Field(min_length=1)
+    match: MatchModel | None = None
+    unless: MatchModel | list[MatchModel] | None = None
+    lock: LockModel | None = None
+    release: StrOrList | None = None
+    approval: ApprovalModel | None = None
+    message: str | None = None
+    description: str | None = None
+    owner: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id_format(cls, v: str) -> str:
+        if not RULE_ID.match(v):
+            raise ValueError("a rule id is 1-128 characters: letters, digits and _ . : / -, starting with a "
+                             "letter or digit")
+        return v
+
+
+class NetworkModel(Strict):
+    allow_private: list[str] = Field(default_factory=list)
+
+
+class RetentionModel(Strict):
+    records: Duration | None = None
+    bodies: Duration | None = None
+
+
+class AuditModel(Strict):
+    max_body_bytes: int = Field(default=1 << 20, ge=0)
+    redact_headers: list[str] = Field(default_factory=list)
+    redact_json_keys: list[str] = Field(default_factory=list)
+    redact_patterns: list[str] = Field(default_factory=list)
+    on_failure: Literal["deny", "allow"] = "deny"
+    retention: RetentionModel | None = None
+
+
+class PolicyFile(Strict):
+    """One YAML file. Several files merge into one policy (see load.py)."""
+
+    version: Literal[1]
+    defaults: Defaults | None = None
+    agents: dict[str, AgentModel] = Field(default_factory=dict)
+    users: dict[str, UserModel] = Field(default_factory=dict)
+    rules: list[RuleModel] = Field(default_factory=list)
+    network: NetworkModel | None = None
+    audit: AuditModel | None = None
