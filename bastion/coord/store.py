@@ -304,12 +304,12 @@ def open_store(url: str, *, key_prefix: str = DEFAULT_KEY_PREFIX) -> LockStore:
 
         return RedisLockStore.from_url(url, key_prefix=key_prefix)
     raise StoreURLError(
-        f"unsupported store URL {_without_credentials(url)!r}: expected sqlite:///PATH, "
+        f"unsupported store URL {redact_url(url)!r}: expected sqlite:///PATH, "
         "redis://HOST:PORT/DB or rediss://HOST:PORT/DB"
     )
 
 
-def _without_credentials(url: str) -> str:
+def redact_url(url: str) -> str:
     """`scheme://user:secret@host/x` -> `scheme://host/x`, so errors and logs never show a password."""
     scheme, sep, rest = url.partition("://")
     if not sep:

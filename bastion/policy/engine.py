@@ -119,7 +119,7 @@ class CompiledRule:
                     error = held  # cannot tell whether the exception holds
                     break
         if error is not None:
-            return self.effect != "allow", f"rule {self.id}: {error}"
+            return self.effect != "allow", error
         return True, None
 
 
@@ -271,12 +271,12 @@ class Policy:
         if spec.status == "retired":
             return self._refuse(agent, "agent_retired", f"agent {agent!r} is retired")
         matched: list[tuple[CompiledRule, Captures]] = []
-        errors: list[str] = []
+        errors: dict[str, str] = {}
         for rule in self._index[agent].candidates(facts):
             caps: Captures = {}
             applies, err = rule.outcome(facts, caps)
             if err is not None:
-                errors.append(err)
+                errors[rule.id] = err
             if applies:
                 matched.append((rule, caps))
         return self._combine(facts, spec, matched, errors, ())
@@ -289,7 +289,7 @@ class Policy:
         if spec.status == "retired":
             return self._refuse(agent, "agent_retired", f"agent {agent!r} is retired")
         matched: list[tuple[CompiledRule, Captures]] = []
-        errors: list[str] = []
+        errors: dict[str, str] = {}
         trace: list[TraceEntry] = []
         for rule in sorted(self.rules, key=lambda r: r.id):
             if not self._selects(rule.selectors, spec):
@@ -298,7 +298,7 @@ class Policy:
                 continue
             reasons, caps, ok, err = _explain_rule(rule, facts)
             if err is not None:
-                errors.append(err)
+                errors[rule.id] = err
                 applies = rule.effect != "allow"
                 reasons.append("cannot be evaluated: " + ("applies anyway (fails closed)" if applies else
                                                           "an allow rule that errors never allows"))
@@ -317,9 +317,10 @@ class Policy:
         facts: RequestFacts,
         agent: AgentSpec,
         matched: list[tuple[CompiledRule, Captures]],
-        errors: list[str],
+        rule_errors: dict[str, str],
         trace: tuple[TraceEntry, ...],
     ) -> Decision:
+        errors = [f"rule {rid}: {msg}" for rid, msg in sorted(rule_errors.items())]
         top = 0
         for rule, _ in matched:
             rank = EFFECT_RANK[rule.effect]
@@ -338,6 +339,11 @@ class Policy:
             for k, v in caps.items():
                 captures.setdefault(k, v)
         message = next((r.message for r, _ in winners if r.message), None)
+        first = winners[0][0]
+        if first.id in rule_errors and would != "allow":
+            # Tell the agent the real cause: the rule applied because the request could not be evaluated.
+            message = (f"{message} " if message else "") + (
+                f"(rule {first.id} could not evaluate this request and fails closed: {rule_errors[first.id]})")
         locks: list[LockAction] = []
         releases: list[ReleaseAction] = []
         approval = None
@@ -402,7 +408,7 @@ def _explain_rule(rule: CompiledRule, facts: RequestFacts) -> tuple[list[str], C
         res, text = m.explain(facts, caps)
         reasons.append(text)
         if res is None:
-            error = error or f"rule {rule.id}: {text}"
+            error = error or text
         elif not res:
             ok = False
     if ok and error is None:
@@ -411,7 +417,7 @@ def _explain_rule(rule: CompiledRule, facts: RequestFacts) -> tuple[list[str], C
             if any(r is False for r, _ in results):
                 reasons.append(f"unless[{i}] does not hold")
             elif any(r is None for r, _ in results):
-                error = f"rule {rule.id}: unless[{i}]: " + "; ".join(t for r, t in results if r is None)
+                error = f"unless[{i}]: " + "; ".join(t for r, t in results if r is None)
                 break
             else:
                 ok = False
