@@ -296,16 +296,16 @@ class Policy:
                 trace.append(TraceEntry(rule.id, rule.effect, False,
                                         (f"agent {agent} is not selected by {list(rule.selectors)}",)))
                 continue
-            reasons, caps, ok, err = _explain_rule(rule, facts)
+            caps: Captures = {}
+            applies, err = rule.outcome(facts, caps)  # the very decision `evaluate` makes
+            reasons = _reasons(rule, facts)
             if err is not None:
                 errors[rule.id] = err
-                applies = rule.effect != "allow"
-                reasons.append("cannot be evaluated: " + ("applies anyway (fails closed)" if applies else
-                                                          "an allow rule that errors never allows"))
-                ok = applies
-            if ok:
+                reasons.append(f"cannot be evaluated ({err}): " + (
+                    "applies anyway (fails closed)" if applies else "an allow rule that errors never allows"))
+            if applies:
                 matched.append((rule, caps))
-            trace.append(TraceEntry(rule.id, rule.effect, ok, tuple(reasons), err))
+            trace.append(TraceEntry(rule.id, rule.effect, applies, tuple(reasons), err))
         return self._combine(facts, spec, matched, errors, tuple(trace))
 
     def _refuse(self, agent: str, reason: str, message: str) -> Decision:
@@ -396,36 +396,18 @@ def selects(selectors: Iterable[str], name: str, roles: frozenset[str]) -> bool:
     return any(s == "*" or s == name or (s.startswith("role:") and s[5:] in roles) for s in selectors)
 
 
-def _explain_rule(rule: CompiledRule, facts: RequestFacts) -> tuple[list[str], Captures, bool, str | None]:
-    """Run every matcher of one rule (no short-circuit) and collect a reason per matcher."""
-    reasons: list[str] = []
-    caps: Captures = {}
-    ok = True
-    error = None
+def _reasons(rule: CompiledRule, facts: RequestFacts) -> list[str]:
+    """Why each condition of `rule` held or not, in words (every condition, no short-circuit)."""
     if not rule.matchers:
-        reasons.append("no match conditions: matches every request of its agents")
-    for m in rule.matchers:
-        res, text = m.explain(facts, caps)
-        reasons.append(text)
-        if res is None:
-            error = error or text
-        elif not res:
-            ok = False
-    if ok and error is None:
-        for i, block in enumerate(rule.unless):
-            results = [m.explain(facts, {}) for m in block.matchers]
-            if any(r is False for r, _ in results):
-                reasons.append(f"unless[{i}] does not hold")
-            elif any(r is None for r, _ in results):
-                error = f"unless[{i}]: " + "; ".join(t for r, t in results if r is None)
-                break
-            else:
-                ok = False
-                reasons.append(f"unless[{i}] holds ({'; '.join(t for _, t in results)}): exception applies")
-                break
-    if not ok:
-        return reasons, caps, False, None  # a definite mismatch outweighs an error elsewhere
-    return reasons, caps, True, error
+        return ["no match conditions: matches every request of its agents"]
+    reasons = [m.explain(facts, {})[1] for m in rule.matchers]
+    for i, block in enumerate(rule.unless):
+        texts = [m.explain(facts, {}) for m in block.matchers]
+        if all(ok for ok, _ in texts):
+            reasons.append(f"unless[{i}] holds ({'; '.join(t for _, t in texts)}): the exception applies")
+        else:
+            reasons.append(f"unless[{i}]: " + "; ".join(t for _, t in texts))
+    return reasons
 
 
 def build_set_matcher(kind: str, values: frozenset[Any]) -> SetMatcher:

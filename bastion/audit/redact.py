@@ -1,0 +1,294 @@
+"""Secret redaction, applied to every record before anything is spooled, stored, hashed or exported.
+
+Two nets, both always on:
+
+1. By name: header names (a built-in list, any name made of secret-like words such as token, secret,
+   password, api-key, plus `audit.redact_headers`), query parameters and JSON / form keys (secret-like
+   names plus `audit.redact_json_keys`). The whole value is masked.
+2. By value: credential formats wherever they appear (header values, URLs, bodies, error messages): OpenAI and
+   Anthropic `sk-` keys, AWS access key ids, GitHub and GitLab tokens, Slack tokens and webhooks, Google, Stripe
+   and Hugging Face keys, JWTs, PEM private-key blocks, `Bearer` tokens, plus `audit.redact_patterns`. Each
+   built-in pattern has literal keywords checked first, so a body without any costs a few substring searches.
+
+A masked value reads `[REDACTED]`, or `[REDACTED:1a2b3c4d]` when the redactor has a correlation key: the tag is
+the first 32 bits of HMAC-SHA256(key, secret), so an auditor can tell that two calls used the same credential,
+while nobody without the key can test a guess (a plain hash of a short password would be brute-forced).
+The writer keeps the key in its spool directory (one per sidecar home, never in the audit store).
+
+Every masked spot is listed by JSON-pointer-like path (`/request/headers/authorization`,
+`/request/url/query/key`, `/request/body/messages/0/api_key`, `/response/body`) in `AuditRecord.redactions`.
+
+Bodies: JSON is parsed and walked (re-serialised only when something was masked); form bodies are parsed by
+pair; anything else (text, SSE streams, truncated JSON, binary) is scanned as Latin-1 text, which maps bytes
+1:1 so the ASCII-only patterns never split a UTF-8 character, and `"secret_name": "value"` pairs are masked
+there too. Redaction has false negatives by nature; restrict who can read bodies accordingly.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
+
+from bastion.audit.record import Header
+
+MASK = "[REDACTED]"
+
+BUILTIN_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key", "x-goog-api-key",
+    "ocp-apim-subscription-key", "x-amz-security-token", "x-auth-token", "x-csrf-token", "x-xsrf-token",
+})
+BUILTIN_PARAMS = frozenset({
+    "key", "api_key", "apikey", "access_token", "refresh_token", "id_token", "token", "code", "client_secret",
+    "password", "sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
+})
+# A name is secret-like when one of its words is in _WORDS, or its letters (separators dropped) contain one of
+# _COMPOUNDS. "max_tokens", "author" or "x-ratelimit-remaining-tokens" are not; "apiKey", "x-auth-token" are.
+_WORDS = frozenset({"auth", "token", "pwd", "passphrase", "cookie", "signature", "jwt", "bearer"})
+_COMPOUNDS = ("password", "passwd", "secret", "credential", "apikey", "accesskey", "privatekey",
+              "subscriptionkey", "accesstoken", "refreshtoken", "idtoken", "authtoken", "sessiontoken",
+              "authorization")
+_WORD_RE = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+
+@functools.lru_cache(maxsize=8192)
+def is_secret_name(name: str) -> bool:
+    """True for header, parameter and key names that usually hold credentials."""
+    if any(w.lower() in _WORDS for w in _WORD_RE.findall(name)):
+        return True
+    compact = re.sub(r"[^a-z0-9]", "", name.lower())
+    return any(c in compact for c in _COMPOUNDS)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pattern:
+    name: str
+    regex: re.Pattern[str]
+    keywords: tuple[str, ...]  # empty: always run
+
+
+def _p(name: str, regex: str, *keywords: str, flags: int = 0) -> _Pattern:
+    return _Pattern(name, re.compile(regex, flags), keywords)
+
+
+# Written for Bastion after the published formats (and gitleaks' MIT rule set); a named group `s` marks the
+# part to mask when the pattern needs context around the secret.
+BUILTIN_PATTERNS: tuple[_Pattern, ...] = (
+    _p("private-key", r"-----BEGIN[ A-Z0-9_-]{0,40}PRIVATE KEY(?: BLOCK)?-----[\s\S]{0,65536}?"
+       r"-----END[ A-Z0-9_-]{0,40}PRIVATE KEY(?: BLOCK)?-----", "PRIVATE KEY"),
+    _p("openai-anthropic-key", r"\bsk-[A-Za-z0-9_-]{20,}", "sk-"),
+    _p("aws-access-key", r"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}\b", "AKIA", "ASIA", "ABIA", "ACCA",
+       "A3T"),
+    _p("github-token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
+       "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+    _p("gitlab-token", r"\bgl(?:pat|ptt|dt|rt|soat|cbt|imt|oas|ffct|ft|agent)-[A-Za-z0-9_-]{20,}", "gl"),
+    _p("slack-token", r"\bxox[abposre]-[A-Za-z0-9-]{10,}", "xox"),
+    _p("slack-webhook", r"hooks\.slack\.com/(?:services|workflows|triggers)/(?P<s>[A-Za-z0-9+/_-]{20,})",
+       "hooks.slack.com"),
+    _p("google-api-key", r"\bAIza[0-9A-Za-z_-]{35}", "AIza"),
+    _p("stripe-key", r"\b[sr]k_(?:live|test)_[A-Za-z0-9]{16,}", "k_live_", "k_test_"),
+    _p("huggingface-token", r"\bhf_[A-Za-z0-9]{30,}", "hf_"),
+    _p("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*", "eyJ"),
+    _p("bearer", r"\b[Bb]earer\s+(?P<s>[A-Za-z0-9._~+/-]{16,}=*)", "earer"),
+)
+
+# `"name": "value"` pairs in text that is JSON-ish but not parseable (cut bodies, SSE events, logs in bodies).
+_JSON_PAIR = re.compile(r'"((?:[^"\\\n]|\\.){1,100})"\s*:\s*"((?:[^"\\\n]|\\.){1,65536})"')
+
+
+def pointer(*parts: str | int) -> str:
+    """A JSON pointer (RFC 6901) from path parts."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+class Redactor:
+    """Masks secrets in one record's parts. Immutable after construction; safe to share between threads.
+
+    Each method takes the path prefix of the part and a `found` list it appends masked paths to.
+    """
+
+    def __init__(self, *, headers: Iterable[str] = (), json_keys: Iterable[str] = (),
+                 patterns: Iterable[str] = (), key: bytes | None = None) -> None:
+        self._headers = BUILTIN_HEADERS | {h.strip().lower() for h in headers}
+        self._keys = frozenset(k.strip().lower() for k in json_keys)
+        extra: list[_Pattern] = []
+        for i, rx in enumerate(patterns):
+            try:
+                extra.append(_Pattern(f"custom-{i}", re.compile(rx), ()))
+            except re.error as e:
+                raise ValueError(f"redaction pattern {rx!r} is not a valid regex: {e}") from None
+        self._patterns = BUILTIN_PATTERNS + tuple(extra)
+        self._key = key
+
+    # --- masks and names -------------------------------------------------------------------------------------
+
+    def mask(self, secret: str) -> str:
+        if not self._key:
+            return MASK
+        tag = hmac.new(self._key, secret.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:8]
+        return f"[REDACTED:{tag}]"
+
+    def secret_header(self, name: str) -> bool:
+        low = name.lower()
+        return low in self._headers or is_secret_name(low)
+
+    def secret_key(self, name: str) -> bool:
+        """JSON keys, form fields and query parameters."""
+        low = name.lower()
+        return low in self._keys or low in BUILTIN_PARAMS or is_secret_name(name)
+
+    # --- values ----------------------------------------------------------------------------------------------
+
+    def scan(self, text: str) -> str:
+        """Mask every credential-shaped value in `text`; returns `text` itself when nothing matched."""
+        out = text
+        for pat in self._patterns:
+            if pat.keywords and not any(k in out for k in pat.keywords):
+                continue
+            out = pat.regex.sub(self._replace, out)
+        return out
+
+    def _replace(self, m: re.Match[str]) -> str:
+        if "s" in m.re.groupindex and m.group("s") is not None:
+            start, end = m.span("s")
+            whole = m.group(0)
+            base = m.start()
+            return whole[: start - base] + self.mask(m.group("s")) + whole[end - base:]
+        return self.mask(m.group(0))
+
+    def text(self, value: str, path: str, found: list[str]) -> str:
+        out = self.scan(value)
+        if out is not value and out != value:
+            found.append(path)
+        return out
+
+    # --- parts -----------------------------------------------------------------------------------------------
+
+    def headers(self, headers: Sequence[Header], path: str, found: list[str]) -> list[Header]:
+        out: list[Header] = []
+        for name, value in headers:
+            where = pointer(*[p for p in path.split("/") if p], name.lower()) if path else pointer(name.lower())
+            if value and self.secret_header(name):
+                found.append(where)
+                scheme, sep, rest = value.partition(" ")
+                if sep and rest and scheme.isalpha() and len(scheme) <= 16:  # keep "Bearer", "Basic"
+                    value = f"{scheme} {self.mask(rest.strip())}"
+                else:
+                    value = self.mask(value)
+            else:
+                value = self.text(value, where, found)
+            out.append((name, value))
+        return out
+
+    def url(self, url: str, path: str, found: list[str]) -> str:
+        """Mask a password in the userinfo, secret query parameters, then credential-shaped values."""
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return self.text(url, path, found)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user, sep, password = userinfo.partition(":")
+            if sep and password:
+                found.append(path + "/password")
+                netloc = f"{user}:{self.mask(unquote_plus(password))}@{hostport}"
+        query = parts.query
+        if query:
+            pieces = []
+            for piece in query.split("&"):
+                name, eq, value = piece.partition("=")
+                if eq and value and self.secret_key(unquote_plus(name)):
+                    found.append(path + pointer("query", unquote_plus(name)))
+                    piece = f"{name}={self.mask(unquote_plus(value))}"
+                pieces.append(piece)
+            query = "&".join(pieces)
+        rebuilt = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        return self.text(rebuilt, path, found)
+
+    def body(self, data: bytes, mime_type: str, path: str, found: list[str]) -> bytes:
+        """A stored body (already decoded, possibly cut). Returns `data` itself when nothing was masked."""
+        if not data:
+            return data
+        mime = mime_type.split(";", 1)[0].strip().lower()
+        if "json" in mime or (not mime and data[:1] in (b"{", b"[")):
+            out = self._json_body(data, path, found)
+            if out is not None:
+                return out
+        if mime == "application/x-www-form-urlencoded":
+            out = self._form_body(data, path, found)
+            if out is not None:
+                return out
+        return self._text_body(data, path, found)
+
+    def _json_body(self, data: bytes, path: str, found: list[str]) -> bytes | None:
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        before = len(found)
+        try:
+            new = self._walk(doc, path, found)
+        except RecursionError:
+            del found[before:]
+            return None
+        if len(found) == before:
+            return data
+        return json.dumps(new, ensure_ascii=False).encode("utf-8")
+
+    def _walk(self, node: Any, path: str, found: list[str]) -> Any:
+        if isinstance(node, dict):
+            out: dict[str, Any] = {}
+            for k, v in node.items():
+                where = path + pointer(k)
+                if self.secret_key(k) and v not in (None, "", True, False):
+                    found.append(where)
+                    out[k] = self.mask(v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+                else:
+                    out[k] = self._walk(v, where, found)
+            return out
+        if isinstance(node, list):
+            return [self._walk(v, f"{path}/{i}", found) for i, v in enumerate(node)]
+        if isinstance(node, str):
+            return self.text(node, path, found)
+        return node
+
+    def _form_body(self, data: bytes, path: str, found: list[str]) -> bytes | None:
+        try:
+            pairs = parse_qsl(data.decode("ascii"), keep_blank_values=True, strict_parsing=True)
+        except (UnicodeDecodeError, ValueError):
+            return None
+        before = len(found)
+        out = []
+        for name, value in pairs:
+            where = path + pointer(name)
+            if value and self.secret_key(name):
+                found.append(where)
+                value = self.mask(value)
+            else:
+                value = self.text(value, where, found)
+            out.append((name, value))
+        return data if len(found) == before else urlencode(out).encode("ascii")
+
+    def _text_body(self, data: bytes, path: str, found: list[str]) -> bytes:
+        text = data.decode("latin-1")
+        masked = _JSON_PAIR.sub(self._json_pair, text)
+        masked = self.scan(masked)
+        if masked == text:
+            return data
+        found.append(path)
+        # Masks are ASCII; Latin-1 maps every other character back to the byte it came from.
+        return masked.encode("latin-1", "replace")
+
+    def _json_pair(self, m: re.Match[str]) -> str:
+        if not self.secret_key(m.group(1)):
+            return m.group(0)
+        start, end = m.span(2)
+        base = m.start()
+        return m.group(0)[: start - base] + '"' + self.mask(m.group(2)[1:-1]) + '"' + m.group(0)[end - base:]

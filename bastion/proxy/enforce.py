@@ -1,0 +1,198 @@
+"""Enforcement: request facts -> policy decision -> refuse, or forward exactly what the rules saw.
+
+Runs in the `request` hook, i.e. after TLS interception and with the whole body read, so a denial is a normal
+HTTP response the agent's SDK can read (a refusal at CONNECT only shows up as a connection error), and rules
+may look at the JSON body. The body is parsed only if a rule asks for it (lazily, inside the engine).
+
+What gets forwarded is `facts.forward_target`: the normalized path (dot segments resolved, `//` merged), so
+`/public/../admin` is matched *and* forwarded as `/admin`, and no upstream can be tricked into serving a path
+the rules never saw. For the same reason the `Host` header (or `:authority`) must name the host the request
+goes to: a request to one host that claims another (domain fronting) is refused.
+
+A decision that needs more than "forward" (a hold, a task lock) is recorded as an obligation on the flow; the
+addons that can meet it (approvals, locks) remove it, and the gate refuses whatever is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from mitmproxy import http
+from mitmproxy.net.http.url import parse_authority
+
+from bastion.metrics import DECISION_SECONDS, REQUESTS
+from bastion.policy.decision import Decision
+from bastion.policy.facts import DEFAULT_BODY_LIMIT, FactsError, RequestFacts, canonical_host
+from bastion.proxy import flowmeta, responses
+from bastion.proxy.settings import MAX_HEADER_BYTES, MAX_REQUEST_BODY
+
+log = logging.getLogger("bastion.proxy")
+
+
+def facts_headers(fields: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
+    """Header fields -> {lower-case name: value}; repeated headers joined with ", " (as the engine expects)."""
+    out: dict[str, str] = {}
+    for k, v in fields:
+        name = k.decode("latin-1").lower()
+        value = v.decode("utf-8", "surrogateescape")
+        prev = out.get(name)
+        out[name] = value if prev is None else f"{prev}, {value}"
+    return out
+
+
+def host_header_matches(host_header: str, raw_host: str, facts: RequestFacts) -> bool:
+    """Does the Host header / :authority name the host (and port, if given) the request is sent to?"""
+    if host_header == raw_host:
+        return True
+    try:
+        host, port = parse_authority(host_header, check=True)
+        return canonical_host(host) == facts.host and (port is None or port == facts.port)
+    except (ValueError, FactsError):
+        return False
+
+
+class Enforce:
+    """mitmproxy addon: evaluates the policy for each agent request and enforces the decision."""
+
+    def __init__(
+        self,
+        *,
+        max_request_body: int = MAX_REQUEST_BODY,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        json_body_limit: int = DEFAULT_BODY_LIMIT,
+    ) -> None:
+        self.max_request_body = max_request_body
+        self.max_header_bytes = max_header_bytes
+        self.json_body_limit = json_body_limit
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Refuse what is too big before the body is read into memory for the rules."""
+        if flow.response is not None:
+            return
+        headers = flow.request.headers
+        size = 0
+        for k, v in headers.fields:
+            size += len(k) + len(v) + 4
+        if size > self.max_header_bytes:
+            self._count_refused(flow)
+            responses.refuse(flow, 431, responses.HEADERS_TOO_LARGE,
+                             f"Request headers are {size} bytes; Bastion accepts at most {self.max_header_bytes}.",
+                             headers={"connection": "close"})
+            return
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n > self.max_request_body:
+                self._too_large(flow, n)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        try:
+            self._decide(flow)
+        except Exception:  # never forward a request whose decision failed
+            log.exception("policy enforcement failed (request_id=%s)", flow.metadata.get(flowmeta.REQUEST_ID))
+            if flow.response is None:
+                responses.refuse(flow, 500, responses.INTERNAL_ERROR,
+                                 "Bastion could not evaluate this request; it was not forwarded.")
+
+    # -- the decision ---------------------------------------------------------------------------------------
+
+    def _decide(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata
+        agent: str = meta[flowmeta.AGENT]
+        policy = meta[flowmeta.POLICY]
+        req = flow.request
+        body = req.raw_content
+        if body is not None and len(body) > self.max_request_body:  # chunked uploads have no length upfront
+            self._too_large(flow, len(body))
+            return
+        raw_path, _, raw_query = req.path.partition("?")
+        headers = facts_headers(req.headers.fields)
+        scheme = req.scheme
+        if headers.get("upgrade", "").lower() == "websocket":
+            scheme = "wss" if scheme == "https" else "ws"
+        try:
+            facts = RequestFacts.build(
+                method=req.method, scheme=scheme, host=req.host, port=req.port, raw_path=raw_path,
+                raw_query=raw_query, headers=headers, body=body, body_limit=self.json_body_limit,
+            )
+        except FactsError as e:
+            self._count_refused(flow)
+            responses.refuse(flow, 400, responses.BAD_REQUEST, f"Malformed request: {e}.")
+            return
+        host_header = req.host_header
+        if host_header is not None and not host_header_matches(host_header, req.host, facts):
+            self._count_refused(flow)
+            responses.refuse(flow, 400, responses.BAD_REQUEST,
+                             f"The Host header {host_header!r} does not name the host this request goes to "
+                             f"({facts.host}:{facts.port}).")
+            return
+
+        started = time.perf_counter()
+        decision = policy.evaluate(facts, agent)
+        DECISION_SECONDS.observe(time.perf_counter() - started)
+        meta[flowmeta.FACTS] = facts
+        meta[flowmeta.DECISION] = decision
+        self._count(agent, decision.effect)
+
+        if decision.mode == "report" and decision.would_effect != "allow":
+            log.info("report mode: would %s %s %s://%s:%d%s (agent=%s rule=%s reason=%s request_id=%s)",
+                     decision.would_effect, facts.method, facts.scheme, facts.host, facts.port, facts.path,
+                     agent, decision.rule, decision.reason, meta[flowmeta.REQUEST_ID])
+        if decision.effect == "deny":
+            self._deny(flow, facts, decision)
+            return
+        obligations = set()
+        if decision.effect == "hold":
+            obligations.add(flowmeta.OBLIGATION_APPROVAL)
+        if decision.locks or decision.releases:
+            obligations.add(flowmeta.OBLIGATION_LOCK)
+        if obligations:
+            meta[flowmeta.OBLIGATIONS] = obligations
+        if facts.forward_target != req.path:
+            req.path = facts.forward_target
+
+    @staticmethod
+    def _deny(flow: http.HTTPFlow, facts: RequestFacts, decision: Decision) -> None:
+        if decision.reason == "agent_retired":
+            responses.refuse(flow, 403, responses.AGENT_RETIRED,
+                             f"Agent {decision.agent!r} is retired: Bastion no longer forwards its calls.")
+            return
+        rule = decision.rule
+        if decision.message:
+            message = decision.message
+        elif rule is not None:
+            message = f"Denied by rule {rule}."
+        else:
+            message = (f"No rule allows {facts.method} {facts.scheme}://{facts.host}:{facts.port}{facts.path} "
+                       f"for agent {decision.agent} (default: deny).")
+        responses.refuse(flow, 403, responses.POLICY_DENIED, message, rule=rule)
+
+    # -- helpers --------------------------------------------------------------------------------------------
+
+    def _too_large(self, flow: http.HTTPFlow, size: int) -> None:
+        self._count_refused(flow)
+        responses.refuse(flow, 413, responses.REQUEST_TOO_LARGE,
+                         f"Request body is {size} bytes; Bastion accepts at most {self.max_request_body}.",
+                         headers={"connection": "close"})
+
+    def _count(self, agent: str, effect: str) -> None:
+        counter = self._counters.get((agent, effect))
+        if counter is None:
+            counter = self._counters[(agent, effect)] = REQUESTS.labels(agent, effect)
+        counter.inc()
+
+    def _count_refused(self, flow: http.HTTPFlow) -> None:
+        """Requests refused before the rules ran still count as the agent's (denied) requests."""
+        agent = flow.metadata.get(flowmeta.AGENT)
+        if agent is not None:
+            self._count(agent, "deny")

@@ -1,0 +1,35 @@
+"""The `flow.metadata` keys Bastion's addons share. One place, so every addon reads the same names.
+
+Set per agent request (not on CONNECT flows, except REQUEST_ID, AGENT and POLICY):
+
+- REQUEST_ID: str, the `X-Bastion-Request-Id` of this call (UUIDv7), also the audit record id.
+- AGENT: str, the authenticated (or pinned) agent name. Absent when identity failed (the flow then already has
+  its 407 response).
+- POLICY: the `Policy` object this request is evaluated against: identity and decision use exactly this one,
+  even when a reload swaps the active policy meanwhile.
+- FACTS: the `RequestFacts` the rules saw (normalized host, path, query, headers, body).
+- DECISION: the `Decision` (`effect`, `would_effect`, `mode`, `rules`, `locks`, `releases`, `approval`, ...).
+- OBLIGATIONS: set[str] of conditions that must be met before the request may be forwarded: "approval" (a
+  hold decision), "lock" (the decision takes or releases task locks). The addon that satisfies one removes it;
+  the gate refuses whatever is left (fail closed).
+- REFUSAL: str, the `error.type` when Bastion answered the request itself (absent for upstream responses).
+- UPSTREAM_ADDRESS: (ip, port) the request is pinned to after the network guard vetted it.
+- STARTED: float, `time.monotonic()` when the request headers arrived.
+"""
+
+from __future__ import annotations
+
+REQUEST_ID = "bastion.request_id"
+AGENT = "bastion.agent"
+POLICY = "bastion.policy"
+FACTS = "bastion.facts"
+DECISION = "bastion.decision"
+OBLIGATIONS = "bastion.obligations"
+REFUSAL = "bastion.refusal"
+UPSTREAM_ADDRESS = "bastion.upstream_address"
+STARTED = "bastion.started"
+
+OBLIGATION_APPROVAL = "approval"
+OBLIGATION_LOCK = "lock"
+
+REQUEST_ID_HEADER = "X-Bastion-Request-Id"

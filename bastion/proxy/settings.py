@@ -1,0 +1,119 @@
+"""`bastion serve` settings: flags, then `BASTION_*` variables, then defaults, checked before anything starts.
+
+Every problem here is a `ConfigError` with a message naming the flag (exit 2): a sidecar that starts with a
+half-understood configuration is worse than one that refuses to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from bastion.config import (
+    DEFAULT_ADMIN,
+    DEFAULT_LISTEN,
+    ConfigError,
+    DataSettings,
+    data_settings,
+    env_or,
+    parse_hostport,
+    resolve_rules,
+)
+
+MAX_REQUEST_BODY = 32 << 20
+"""Largest request body Bastion accepts (bytes); larger ones get 413 `request_too_large`. The body must be
+read whole before the rules can look at it, so this bounds the memory one request can take."""
+
+MAX_HEADER_BYTES = 64 << 10
+"""Largest total size of a request's header block (bytes); larger ones get 431."""
+
+SHUTDOWN_GRACE = 10.0
+"""Seconds in-flight calls get to finish after SIGTERM/SIGINT before connections are cut."""
+
+_STORE_SCHEMES = {"sqlite": None, "redis": 6379, "rediss": 6379}
+_AUDIT_SCHEMES = {"sqlite": None, "jsonl": None, "postgresql": 5432, "postgres": 5432}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    rules: tuple[str, ...]
+    listen: tuple[str, int]
+    admin: tuple[str, int]
+    data: DataSettings
+    agent: str | None
+    upstream_ca: Path | None
+    protected: tuple[tuple[str, int], ...]  # store/audit services agents must never reach
+    max_request_body: int = MAX_REQUEST_BODY
+    max_header_bytes: int = MAX_HEADER_BYTES
+    grace: float = SHUTDOWN_GRACE
+
+
+def service_address(url: str, what: str, schemes: dict[str, int | None]) -> tuple[str, int] | None:
+    """Validate a store/audit URL; return its network `(host, port)`, or None for file-based URLs."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"{what}: bad URL {url!r}: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in schemes:
+        raise ConfigError(f"{what}: unsupported URL {url!r}: expected one of "
+                          + ", ".join(f"{s}://" for s in schemes))
+    default_port = schemes[scheme]
+    if default_port is None:  # sqlite:///path, jsonl:///dir
+        if not url.startswith(f"{parts.scheme}:///") or len(url) <= len(f"{parts.scheme}:///"):
+            raise ConfigError(f"{what}: {url!r} needs a path, like {scheme}:///relative/path or "
+                              f"{scheme}:////absolute/path")
+        return None
+    if not parts.hostname:
+        if scheme.startswith("postgres"):
+            return None  # a Unix-socket connection (host in the query): nothing reachable over TCP
+        raise ConfigError(f"{what}: {url!r} has no host, like {scheme}://127.0.0.1:{default_port}/0")
+    return parts.hostname.lower(), port or default_port
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    rules = resolve_rules(args.rules)
+    if not rules:
+        raise ConfigError("no rules: pass --rules PATH (file or directory) or set BASTION_RULES")
+    listen = parse_hostport(env_or(args.listen, "BASTION_LISTEN", DEFAULT_LISTEN) or DEFAULT_LISTEN, "--listen")
+    admin = parse_hostport(env_or(args.admin, "BASTION_ADMIN", DEFAULT_ADMIN) or DEFAULT_ADMIN, "--admin")
+    if listen == admin and listen[1] != 0:
+        raise ConfigError(f"--listen and --admin are the same address ({listen[0]}:{listen[1]})")
+    data = data_settings(args)
+    protected = []
+    for url, what, schemes in ((data.store, "--store", _STORE_SCHEMES), (data.audit, "--audit", _AUDIT_SCHEMES)):
+        addr = service_address(url, what, schemes)
+        if addr is not None:
+            protected.append(addr)
+    agent = env_or(args.agent, "BASTION_AGENT")
+    upstream_ca = env_or(args.upstream_ca, "BASTION_UPSTREAM_CA")
+    ca_path = None
+    if upstream_ca:
+        ca_path = Path(upstream_ca).expanduser()
+        if not ca_path.is_file():
+            raise ConfigError(f"--upstream-ca: no such file: {upstream_ca}")
+    return ServeSettings(
+        rules=tuple(rules),
+        listen=listen,
+        admin=admin,
+        data=data,
+        agent=agent or None,
+        upstream_ca=ca_path,
+        protected=tuple(protected),
+    )
+
+
+def proxy_url_from_env() -> str:
+    """The proxy address `bastion run` points agents at when --proxy is not given."""
+    host, port = parse_hostport(os.environ.get("BASTION_LISTEN") or DEFAULT_LISTEN, "BASTION_LISTEN")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{_bracket(host)}:{port}"
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
