@@ -14,6 +14,8 @@ from collections.abc import Sequence
 # Order here is the order in `bastion --help`.
 COMMAND_MODULES = (
     "bastion.policy.commands",
+    "bastion.proxy.commands",
+    "bastion.coord.commands",
 )
 
 

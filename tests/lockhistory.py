@@ -21,8 +21,9 @@ successful renewals, and any release attempt may have ended it. That keeps the c
 under connection kills while it still catches a lock that grants twice.
 
 The module also holds the reusable harness: `Recorder`, the `FencedRegister` resource, a `LockClient`
-protocol with a store-backed implementation, the worker loop (`run_worker`, `worker_process`) and helpers for
-the Redis servers the tests use. `python tests/lockhistory.py FILE_OR_DIR...` checks recorded histories.
+protocol with a store-backed implementation, the worker loop (`run_worker`, `worker_process`) and a private,
+restartable `RedisServer` (reachability of the shared one: tests/services.py).
+`python tests/lockhistory.py FILE_OR_DIR...` checks recorded histories.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import bisect
 import contextlib
 import fcntl
 import json
-import os
 import random
 import re
 import shutil
@@ -303,15 +303,20 @@ class Report:
 
 @dataclass
 class _Grant:
+    """One grant (fence) with what the history proves about its lease.
+
+    `valid_until`: the lease surely lasted at least until here (the last successful renewal's invocation +
+    ttl, cut short by the first release that may have succeeded). `may_last_until`: it surely ended by here
+    (the last renewal that may have happened, at its completion, + ttl).
+    """
+
     fence: int
     proc: str
     inv: int
     comp: int
     ttl_ns: int
-    valid_from: int          # the lease surely existed from here (the grant's invocation) ...
-    valid_until: int         # ... until here at least (last successful renewal's invocation + ttl, cut short
-                             # by the earliest release that may have succeeded)
-    may_last_until: int      # and certainly ended by here (latest renewal that may have happened, + ttl)
+    valid_until: int
+    may_last_until: int
 
 
 class _Clock:
@@ -355,9 +360,8 @@ def _grants(key: str, evs: list[Event], report: Report, clock: _Clock) -> dict[i
     for e in sorted((e for e in evs if e["op"] == "acquire" and e.get("ok")), key=lambda e: e["comp"]):
         g = grants.get(e["fence"])
         if g is None:
-            end = e["inv"] + e["ttl_ns"]
-            grants[e["fence"]] = _Grant(e["fence"], e["proc"], e["inv"], e["comp"], e["ttl_ns"], e["inv"], end,
-                                        e["comp"] + e["ttl_ns"])
+            grants[e["fence"]] = _Grant(e["fence"], e["proc"], e["inv"], e["comp"], e["ttl_ns"],
+                                        valid_until=e["inv"] + e["ttl_ns"], may_last_until=e["comp"] + e["ttl_ns"])
             report.stats["grants"] += 1
         elif g.proc != e["proc"]:
             report.violations.append(Violation(
@@ -372,10 +376,11 @@ def _grants(key: str, evs: list[Event], report: Report, clock: _Clock) -> dict[i
         by_proc[g.proc].append(g)
     for e in evs:
         if e["op"] == "acquire" and e.get("ok") is None:
-            # A renewal that may have happened may have extended the caller's lease.
-            for g in by_proc.get(e.get("proc", ""), ()):
-                if g.inv <= e["inv"]:
-                    g.may_last_until = max(g.may_last_until, e["comp"] + g.ttl_ns)
+            # An acquire whose outcome is unknown may have renewed the lease its caller held at the time.
+            held = [g for g in by_proc.get(e.get("proc", ""), ()) if g.inv <= e["inv"]]
+            if held:
+                g = max(held, key=lambda g: g.inv)
+                g.may_last_until = max(g.may_last_until, e["comp"] + g.ttl_ns)
     for e in evs:
         if e["op"] == "release" and e.get("fence") in grants:
             # Whatever it answered, a release may have ended the lease: a retried release reports False
@@ -404,7 +409,7 @@ def _check_key(key: str, evs: list[Event], report: Report, clock: _Clock, eps: i
             report.violations.append(Violation(
                 "order", key, f"fence {g.fence} ({g.proc}) was granted at {clock(g.comp)}, before the older "
                 f"fence {latest.fence} ({latest.proc}) was requested at {clock(latest.inv)}"))
-        if longest is not None and g.comp + eps < longest.valid_until and g.comp > longest.valid_from:
+        if longest is not None and g.comp + eps < longest.valid_until and g.comp > longest.inv:
             report.violations.append(Violation(
                 "overlap", key, f"fence {g.fence} ({g.proc}) granted at {clock(g.comp)} while fence "
                 f"{longest.fence} ({longest.proc}) was held until at least {clock(longest.valid_until)} "
@@ -475,27 +480,6 @@ def _check_key(key: str, evs: list[Event], report: Report, clock: _Clock, eps: i
 
 # --- services the tests need --------------------------------------------------------------------------------
 
-MAIN_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def require_redis(url: str = MAIN_REDIS_URL) -> None:
-    """Skip the calling test when Redis is not reachable; under CI=true fail it instead."""
-    import pytest
-    import redis
-
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        try:
-            client.ping()
-        finally:
-            client.close()
-    except redis.RedisError as e:
-        message = f"Redis at {url} is not reachable: {e}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + " (CI=true: a test that needs Redis must not skip)")
-        pytest.skip(message)
-
-
 def delete_prefix(url: str, prefix: str) -> None:
     """Delete every key under `prefix` (and nothing else)."""
     import redis
@@ -533,12 +517,13 @@ class RedisServer:
     def require_binary() -> str:
         """The redis-server path; skip (or under CI=true fail) the calling test when there is none."""
         import pytest
+        from services import in_ci
 
         path = shutil.which("redis-server")
         if path is None:
             message = "redis-server is not installed"
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(message + " (CI=true)")
+            if in_ci():
+                pytest.fail(message + "; CI=true requires it", pytrace=False)
             pytest.skip(message)
         return path
 

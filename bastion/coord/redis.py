@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -61,7 +62,7 @@ if h[1] then
       redis.call('PEXPIRE', KEYS[1], ttl)
       pttl = ttl
     end
-    return {2, h[2], pttl, h[5]}
+    return {2, h[2], pttl, h[5] or '0'}
   end
   if h[3] == 'offered' then
     if h[4] ~= ARGV[1] then return {0, h[4], redis.call('PTTL', KEYS[1]), 1} end
@@ -97,7 +98,7 @@ local h = redis.call('HMGET', KEYS[1], 'owner', 'fence', 'state', 'to', 'acquire
 if not h[1] then return false end
 local pttl = redis.call('PTTL', KEYS[1])
 redis.call('DEL', KEYS[1])
-return {h[1], h[2], h[3], h[4] or '', h[5], pttl}
+return {h[1], h[2], h[3], h[4] or '', h[5] or '0', pttl}
 """
 
 # KEYS: lock hash. ARGV: recipient, offer ttl ms. -> {owner, fence, state, to, acquired_ms, pttl} | nil if free
@@ -108,10 +109,21 @@ local h = redis.call('HMGET', KEYS[1], 'owner', 'fence', 'acquired_ms')
 if not h[1] then return false end
 redis.call('HSET', KEYS[1], 'state', 'offered', 'to', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {h[1], h[2], 'offered', ARGV[1], h[3], ttl}
+return {h[1], h[2], 'offered', ARGV[1], h[3] or '0', ttl}
 """
 
 _FIELDS = ("owner", "fence", "state", "to", "acquired_ms")
+
+
+def _split_prefix(url: str, default: str) -> tuple[str, str]:
+    """Take Bastion's own `prefix` query parameter out of a Redis URL; redis-py would not understand it."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefixes = [value for name, value in query if name == "prefix"]
+    if not prefixes:
+        return url, default
+    rest = urlencode([(name, value) for name, value in query if name != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefixes[-1]
 
 
 def _ms(seconds: float) -> int:
@@ -153,10 +165,14 @@ class RedisLockStore(LockStore):
     ) -> RedisLockStore:
         """A store on `url` (`redis://`, `rediss://`; user, password and `/db` as redis-py accepts them).
 
+        A `prefix` query parameter (`redis://host:6379/0?prefix=staging:`) overrides `key_prefix`, so
+        deployments sharing one Redis keep apart through configuration alone.
+
         `timeout` bounds each connect and each reply (seconds) and `retries` how often a command is re-sent
         after a connection error, so a dead Redis turns into `StoreUnavailable` within a few seconds instead of
         redis-py's default ten retries. `client_name` shows up in `CLIENT LIST`.
         """
+        url, key_prefix = _split_prefix(url, key_prefix)
         where = redact_url(url)
         try:
             client = Redis.from_url(

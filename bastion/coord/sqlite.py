@@ -78,6 +78,11 @@ class HostClock:
         return time.monotonic_ns() if self.monotonic else time.time_ns()
 
 
+def _is_busy(error: sqlite3.Error) -> bool:
+    """Contention (another connection holds the lock), as opposed to a broken file or connection."""
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _wall(at_ns: int, now_ns: int) -> float:
     return time.time() + (at_ns - now_ns) / 1e9
 
@@ -124,25 +129,41 @@ class SqliteLockStore(LockStore):
                 raise
             return result
         except sqlite3.Error as e:
-            # Start from a fresh connection next time: the file may have been replaced, fixed or unlocked.
-            self._close_connection()
+            if not _is_busy(e):
+                # Not just contention: start from a fresh connection, the file may have been fixed or replaced.
+                self._close_connection()
             raise StoreUnavailable(f"lock store sqlite:///{self._path} unavailable: {e}") from e
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
+                self._enable_wal(conn)
                 conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute("COMMIT")
+                tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not {"lock_leases", "lock_fence"} <= tables:  # creating takes the write lock: only once
+                    conn.execute("BEGIN IMMEDIATE")
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    conn.execute("COMMIT")
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
         return self._conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL (a no-op once it is). The switch needs an exclusive lock and SQLite does not
+        run the busy handler for it, so processes opening a new file together retry here up to the timeout."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL").fetchone()
+                return
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
 
     def _close_connection(self) -> None:
         if self._conn is not None:

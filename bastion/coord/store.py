@@ -285,8 +285,9 @@ def open_store(url: str, *, key_prefix: str = DEFAULT_KEY_PREFIX) -> LockStore:
 
     `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`: the embedded default, shared by every
     Bastion process on the same host. `redis://[user:password@]host:port/db` or `rediss://...` (TLS): one
-    Redis primary shared by a fleet; `key_prefix` namespaces every key Bastion writes there (SQLite ignores
-    it: it owns its tables). Raises `StoreURLError` for anything else.
+    Redis primary shared by a fleet; `key_prefix` namespaces every key Bastion writes there, and a `prefix`
+    query parameter in the URL overrides it (SQLite ignores both: it owns its tables). Raises `StoreURLError`
+    for anything else.
     """
     scheme = url.partition(":")[0].lower()
     if scheme == "sqlite":

@@ -1,0 +1,196 @@
+"""`bastion locks list | release KEY | handoff KEY --to AGENT`: task locks, straight on the shared store.
+
+The commands open the same store URL as the sidecars (`--store`, `BASTION_STORE`, default the SQLite file
+under `--home`), so an operator can act on a whole fleet without reaching any sidecar. They act as a user:
+`--user-token` (or `BASTION_USER_TOKEN`, which stays out of `ps`) is checked against the rules' `users`; any
+valid user may list, releasing and handing off need the `admin` role. Every failure is one clear line on
+stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from bastion.config import ConfigError, add_home_args, add_rules_arg, data_settings, resolve_rules
+from bastion.coord.store import (
+    DEFAULT_HANDOFF_TTL,
+    LockInfo,
+    LockStore,
+    StoreUnavailable,
+    iso_time,
+    open_store,
+)
+
+if TYPE_CHECKING:
+    from bastion.policy.engine import Policy
+
+EXIT_OK, EXIT_FAIL = 0, 1
+ADMIN_ROLE = "admin"
+
+
+def register(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    add_home_args(common)  # --audit too: DESIGN promises the same data flags on every data command
+    add_rules_arg(common)
+    common.add_argument("--user-token", metavar="TOKEN",
+                        help="act as the user with this token (BASTION_USER_TOKEN; the variable keeps it out of ps)")
+
+    locks = sub.add_parser("locks", help="list, release or hand off task locks")
+    actions = locks.add_subparsers(dest="locks_action", metavar="ACTION")
+    actions.required = True
+
+    p = actions.add_parser("list", parents=[common], help="every live lock, one a line (any user)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(handler=cmd_list)
+
+    p = actions.add_parser("release", parents=[common], help="free a lock whoever holds it (admin)")
+    p.add_argument("key", help="the lock key, as `locks list` shows it")
+    p.set_defaults(handler=cmd_release)
+
+    p = actions.add_parser("handoff", parents=[common],
+                           help="pass a lock to another agent, which claims it with its next request (admin)")
+    p.add_argument("key", help="the lock key, as `locks list` shows it")
+    p.add_argument("--to", required=True, metavar="AGENT", help="the agent that takes the lock over")
+    p.add_argument("--ttl", type=_duration, default=DEFAULT_HANDOFF_TTL, metavar="DURATION",
+                   help="how long the offer waits for the agent before the lock frees itself (default 5m)")
+    p.set_defaults(handler=cmd_handoff)
+
+
+def _duration(text: str) -> float:
+    from bastion.policy.schema import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+class _Refused(Exception):
+    """The command may not run: the message says why and what to do."""
+
+
+def _authorize(args: argparse.Namespace, *, admin_for: str | None) -> Policy:
+    """The rules, once the user token is valid (and, for `admin_for`, the user has the admin role)."""
+    from bastion.policy.load import PolicyLoadError, load_policy
+
+    token = args.user_token or os.environ.get("BASTION_USER_TOKEN")
+    if not token:
+        raise _Refused("this command acts as a user: pass --user-token TOKEN or set BASTION_USER_TOKEN")
+    rules = resolve_rules(args.rules)
+    if not rules:
+        raise _Refused("checking the user token needs the rules: pass --rules PATH or set BASTION_RULES")
+    try:
+        policy = load_policy(rules)
+    except PolicyLoadError as e:
+        raise _Refused(f"the rules are invalid:\n{e}") from None
+    user = policy.authenticate_user(token)
+    if user is None:
+        raise _Refused("the user token is not valid for these rules")
+    if admin_for and ADMIN_ROLE not in user.roles:
+        raise _Refused(f"user {user.name!r} may not {admin_for}: that needs the {ADMIN_ROLE!r} role")
+    return policy
+
+
+def _run(args: argparse.Namespace, action: Callable[[LockStore], Awaitable[int]]) -> int:
+    """Open the store, run `action` on it, close it; store trouble becomes one line and exit 1."""
+    try:
+        data = data_settings(args)
+        store = open_store(data.store)
+        if data.store == f"sqlite:///{data.home.database}":
+            data.home.ensure()
+    except (ConfigError, OSError) as e:
+        return _fail(str(e))
+
+    async def main() -> int:
+        async with store:
+            return await action(store)
+
+    try:
+        return asyncio.run(main())
+    except (StoreUnavailable, ValueError) as e:  # ValueError: a key the store refuses (empty, too long)
+        return _fail(str(e))
+
+
+def _show(key: str) -> str:
+    """Keys come from URLs: quote one that would break the one-lock-a-line format."""
+    return json.dumps(key, ensure_ascii=False) if not key.isprintable() or any(c.isspace() for c in key) else key
+
+
+def _line(lock: LockInfo, now: float) -> str:
+    parts = [_show(lock.key), f"holder={lock.holder}", f"fence={lock.fence}",
+             f"expires_in={max(0.0, lock.expires_at - now):.0f}s", f"acquired_at={iso_time(lock.acquired_at)}"]
+    if lock.handoff_to:
+        parts.append(f"handoff_to={lock.handoff_to}")
+    return " ".join(parts)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    try:
+        _authorize(args, admin_for=None)
+    except _Refused as e:
+        return _fail(str(e))
+
+    async def action(store: LockStore) -> int:
+        locks = await store.list_locks()
+        if args.format == "json":
+            print(json.dumps({"locks": [lock.to_json() for lock in locks]}, ensure_ascii=False))
+        else:
+            now = time.time()
+            for lock in locks:
+                print(_line(lock, now))
+            if not locks:
+                print("no live locks", file=sys.stderr)
+        return EXIT_OK
+
+    return _run(args, action)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    try:
+        _authorize(args, admin_for="release locks")
+    except _Refused as e:
+        return _fail(str(e))
+
+    async def action(store: LockStore) -> int:
+        freed = await store.admin_release(args.key)
+        if freed is None:
+            return _fail(f"no live lock {_show(args.key)}")
+        offered = f", offered to {freed.handoff_to}" if freed.handoff_to else ""
+        print(f"released {_show(freed.key)} (held by {freed.holder}{offered}, fence {freed.fence})")
+        return EXIT_OK
+
+    return _run(args, action)
+
+
+def cmd_handoff(args: argparse.Namespace) -> int:
+    try:
+        policy = _authorize(args, admin_for="hand off locks")
+    except _Refused as e:
+        return _fail(str(e))
+    agent = policy.agents.get(args.to)
+    if agent is None:
+        return _fail(f"unknown agent {args.to!r}: the rules define no such agent")
+    if agent.status == "retired":
+        return _fail(f"agent {args.to!r} is retired and cannot take a lock over")
+
+    async def action(store: LockStore) -> int:
+        offer = await store.handoff(args.key, args.to, args.ttl)
+        if offer is None:
+            return _fail(f"no live lock {_show(args.key)}: only a held lock can be handed off")
+        print(f"handed off {_show(offer.key)} from {offer.holder} to {offer.handoff_to}: its next request "
+              f"claims the lock; the offer lapses at {iso_time(offer.expires_at)}")
+        return EXIT_OK
+
+    return _run(args, action)
