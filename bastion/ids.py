@@ -1,23 +1,45 @@
-"""Request ids: time-ordered (UUIDv7 layout) so audit records sort by creation and ids are unguessable.
+"""Request ids and clock readings: one id generator for the whole process.
 
-The id is what the agent sees in `X-Bastion-Request-Id` and what the audit log, the dashboard and approvals
-use to find the call again.
+The id an agent sees in `X-Bastion-Request-Id` is the id of its audit record, so it must be unique across a
+fleet of sidecars without coordination, and sort by time so that listings and exports page cheaply. A UUIDv7
+(RFC 9562) gives both, reads like any UUID in logs and SIEMs, and costs about a microsecond to make.
 """
 
 from __future__ import annotations
 
-import os
+import secrets
+import threading
 import time
-import uuid
+
+_lock = threading.Lock()
+_last_ms = 0
+_counter = 0
 
 
 def new_request_id() -> str:
-    """A UUIDv7 string: 48-bit Unix milliseconds, version and variant bits, 74 random bits."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76  # version 7
-    value |= ((rand >> 62) & 0xFFF) << 64  # 12 bits rand_a
-    value |= 0b10 << 62  # RFC 4122 variant
-    value |= rand & ((1 << 62) - 1)  # 62 bits rand_b
-    return str(uuid.UUID(int=value))
+    """A UUIDv7 string: 48-bit Unix milliseconds, a 12-bit counter, 62 random bits.
+
+    The counter (RFC 9562 §6.2, method 1) starts at a random value below 2048 each millisecond and counts up,
+    so ids made by one process sort in the order they were made even within a millisecond; if the wall clock
+    steps back, the last millisecond is reused rather than going backwards. Safe to call from any thread.
+    """
+    global _last_ms, _counter
+    with _lock:
+        ms = time.time_ns() // 1_000_000
+        if ms > _last_ms:
+            _last_ms = ms
+            _counter = secrets.randbits(11)
+        else:
+            _counter += 1
+            if _counter > 0xFFF:  # 2048+ ids in one millisecond: borrow the next one
+                _last_ms += 1
+                _counter = 0
+        ms, counter = _last_ms, _counter
+    value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | secrets.randbits(62)
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def now_us() -> int:
+    """Wall-clock time in Unix microseconds: records keep integers only, so their encoding is exact."""
+    return time.time_ns() // 1000

@@ -73,8 +73,9 @@ class _Pattern:
     keywords: tuple[str, ...]  # empty: always run
 
 
-def _p(name: str, regex: str, *keywords: str, flags: int = 0) -> _Pattern:
-    return _Pattern(name, re.compile(regex, flags), keywords)
+def _p(name: str, regex: str, *keywords: str) -> _Pattern:
+    # ASCII: `\b` must see "é" or a Latin-1-decoded byte like "\xff" as a boundary, not a letter.
+    return _Pattern(name, re.compile(regex, re.ASCII), keywords)
 
 
 # Written for Bastion after the published formats (and gitleaks' MIT rule set); a named group `s` marks the
@@ -87,7 +88,9 @@ BUILTIN_PATTERNS: tuple[_Pattern, ...] = (
        "A3T"),
     _p("github-token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
        "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
-    _p("gitlab-token", r"\bgl(?:pat|ptt|dt|rt|soat|cbt|imt|oas|ffct|ft|agent)-[A-Za-z0-9_-]{20,}", "gl"),
+    _p("gitlab-token", r"\bgl(?:pat|ptt|dt|rt|soat|cbt|imt|oas|ffct|ft|agent)-[A-Za-z0-9_-]{20,}",
+       "glpat-", "glptt-", "gldt-", "glrt-", "glsoat-", "glcbt-", "glimt-", "gloas-", "glffct-", "glft-",
+       "glagent-"),
     _p("slack-token", r"\bxox[abposre]-[A-Za-z0-9-]{10,}", "xox"),
     _p("slack-webhook", r"hooks\.slack\.com/(?:services|workflows|triggers)/(?P<s>[A-Za-z0-9+/_-]{20,})",
        "hooks.slack.com"),
@@ -97,6 +100,10 @@ BUILTIN_PATTERNS: tuple[_Pattern, ...] = (
     _p("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*", "eyJ"),
     _p("bearer", r"\b[Bb]earer\s+(?P<s>[A-Za-z0-9._~+/-]{16,}=*)", "earer"),
 )
+
+# One search for every keyword first: most strings (and most bodies) contain none, and then no pattern runs.
+_KEYWORDS = re.compile("|".join(re.escape(k) for p in BUILTIN_PATTERNS for k in p.keywords))
+_MIN_SECRET = 15  # no built-in pattern matches fewer characters
 
 # `"name": "value"` pairs in text that is JSON-ish but not parseable (cut bodies, SSE events, logs in bodies).
 _JSON_PAIR = re.compile(r'"((?:[^"\\\n]|\\.){1,100})"\s*:\s*"((?:[^"\\\n]|\\.){1,65536})"')
@@ -123,7 +130,7 @@ class Redactor:
                 extra.append(_Pattern(f"custom-{i}", re.compile(rx), ()))
             except re.error as e:
                 raise ValueError(f"redaction pattern {rx!r} is not a valid regex: {e}") from None
-        self._patterns = BUILTIN_PATTERNS + tuple(extra)
+        self._custom = tuple(extra)
         self._key = key
 
     # --- masks and names -------------------------------------------------------------------------------------
@@ -148,9 +155,11 @@ class Redactor:
     def scan(self, text: str) -> str:
         """Mask every credential-shaped value in `text`; returns `text` itself when nothing matched."""
         out = text
-        for pat in self._patterns:
-            if pat.keywords and not any(k in out for k in pat.keywords):
-                continue
+        if len(text) >= _MIN_SECRET and _KEYWORDS.search(text):
+            for pat in BUILTIN_PATTERNS:
+                if any(k in out for k in pat.keywords):
+                    out = pat.regex.sub(self._replace, out)
+        for pat in self._custom:
             out = pat.regex.sub(self._replace, out)
         return out
 
@@ -164,7 +173,7 @@ class Redactor:
 
     def text(self, value: str, path: str, found: list[str]) -> str:
         out = self.scan(value)
-        if out is not value and out != value:
+        if out != value:
             found.append(path)
         return out
 
@@ -173,7 +182,7 @@ class Redactor:
     def headers(self, headers: Sequence[Header], path: str, found: list[str]) -> list[Header]:
         out: list[Header] = []
         for name, value in headers:
-            where = pointer(*[p for p in path.split("/") if p], name.lower()) if path else pointer(name.lower())
+            where = path + pointer(name.lower())
             if value and self.secret_header(name):
                 found.append(where)
                 scheme, sep, rest = value.partition(" ")
@@ -234,7 +243,7 @@ class Redactor:
             return None
         before = len(found)
         try:
-            new = self._walk(doc, path, found)
+            new = self.value(doc, path, found)
         except RecursionError:
             del found[before:]
             return None
@@ -242,19 +251,26 @@ class Redactor:
             return data
         return json.dumps(new, ensure_ascii=False).encode("utf-8")
 
-    def _walk(self, node: Any, path: str, found: list[str]) -> Any:
+    def value(self, node: Any, path: str, found: list[str]) -> Any:
+        """A parsed JSON value: secret-named keys masked, strings scanned. Returns a new value."""
+        # Paths are only built for containers and hits: most leaves are neither.
         if isinstance(node, dict):
             out: dict[str, Any] = {}
             for k, v in node.items():
-                where = path + pointer(k)
-                if self.secret_key(k) and v not in (None, "", True, False):
-                    found.append(where)
+                if self.secret_key(k) and not (v is None or v == "" or isinstance(v, bool)):
+                    found.append(path + pointer(k))
                     out[k] = self.mask(v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+                elif isinstance(v, str):
+                    out[k] = new = self.scan(v)
+                    if new != v:
+                        found.append(path + pointer(k))
+                elif isinstance(v, (dict, list)):
+                    out[k] = self.value(v, path + pointer(k), found)
                 else:
-                    out[k] = self._walk(v, where, found)
+                    out[k] = v
             return out
         if isinstance(node, list):
-            return [self._walk(v, f"{path}/{i}", found) for i, v in enumerate(node)]
+            return [self.value(v, f"{path}/{i}", found) for i, v in enumerate(node)]
         if isinstance(node, str):
             return self.text(node, path, found)
         return node
@@ -291,4 +307,4 @@ class Redactor:
             return m.group(0)
         start, end = m.span(2)
         base = m.start()
-        return m.group(0)[: start - base] + '"' + self.mask(m.group(2)[1:-1]) + '"' + m.group(0)[end - base:]
+        return m.group(0)[: start - base] + self.mask(m.group(2)) + m.group(0)[end - base:]

@@ -1,0 +1,169 @@
+"""What every audit store offers: batched idempotent writes for the writer, reads for the CLI and the
+dashboard, chain walks for `verify`, and prefix pruning for retention.
+
+All methods are coroutines that never block the calling event loop (SQLite and file stores run their I/O on
+a thread of their own). A store instance may be used from one event loop at a time.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bastion.audit.entry import Entry
+from bastion.audit.record import AuditRecord
+
+MAX_PAGE = 1000
+
+
+class StoreError(Exception):
+    """The store cannot be used (bad URL, unreachable, wrong schema). The message is safe to show."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordQuery:
+    """Filters for listing records. Times are Unix microseconds on `started_us` (since inclusive, until
+    exclusive); `text` is a substring of the URL or the id. Pages come newest first unless `ascending`;
+    `cursor` is a previous page's `next`. `bodies` loads body content too."""
+
+    agent: str | None = None
+    effect: str | None = None
+    outcome: str | None = None
+    host: str | None = None
+    text: str | None = None
+    since_us: int | None = None
+    until_us: int | None = None
+    limit: int = 100
+    cursor: str | None = None
+    ascending: bool = False
+    bodies: bool = False
+
+
+@dataclass(slots=True)
+class Page:
+    records: list[AuditRecord]
+    next: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PruneMarker:
+    """Retention removed records 1..`seq` of `writer`; `hash` is record `seq`'s hash, so the first survivor
+    must point at it. `ended_us` is when that record ended, `pruned_us` when the pruning ran."""
+
+    writer: str
+    seq: int
+    hash: str
+    ended_us: int | None
+    pruned_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChainRow:
+    """One stored record as it sits in the store, for `verify`: `seq` is where the store keeps it (its key),
+    `canonical` the stored JSON bytes, `index` the store's own copies of record fields (search columns), which
+    must agree with the JSON. Bodies are zlib-packed when `packed`, else plain."""
+
+    seq: int
+    hash: str
+    canonical: bytes
+    request_body: bytes | None
+    response_body: bytes | None
+    purged_us: int | None
+    index: dict[str, Any] = field(default_factory=dict)
+    packed: bool = True
+
+
+def index_of(record: AuditRecord) -> dict[str, Any]:
+    """The columns SQL stores keep beside the JSON for searching (verify checks they still agree)."""
+    return {
+        "id": record.id, "started_us": record.started_us, "ended_us": record.ended_us, "agent": record.agent,
+        "method": record.request.method, "host": record.request.host, "url": record.request.url,
+        "status": record.status, "effect": record.effect, "outcome": record.outcome,
+    }
+
+
+def page_key(record: AuditRecord) -> str:
+    assert record.chain is not None
+    return f"{record.started_us}.{record.chain.writer}.{record.chain.seq}"
+
+
+def parse_page_key(cursor: str) -> tuple[int, str, int]:
+    try:
+        started, writer, seq = cursor.split(".")
+        return int(started), writer, int(seq)
+    except ValueError:
+        raise StoreError(f"bad page cursor {cursor!r}") from None
+
+
+class AuditStore(abc.ABC):
+    """An audit sink. Create with `bastion.audit.sinks.open_store(url)`, then `await store.open()` (or use
+    `async with`)."""
+
+    #: the URL with any password masked, for messages and logs
+    display_url: str
+
+    async def __aenter__(self) -> AuditStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create the schema if needed. Idempotent. Raises StoreError or OSError."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def write(self, entries: Sequence[Entry]) -> None:
+        """Store a batch atomically. Entries already stored (same writer and seq) are skipped, so the drain
+        can safely resend after a crash."""
+
+    @abc.abstractmethod
+    async def get(self, record_id: str) -> AuditRecord | None:
+        """One record with its bodies' content, or None."""
+
+    @abc.abstractmethod
+    async def query(self, q: RecordQuery) -> Page: ...
+
+    @abc.abstractmethod
+    async def changes(self, token: str | None, limit: int = 500) -> tuple[list[AuditRecord], str]:
+        """Records stored after `token`, in storage order, and the token to continue from. With token None,
+        no records and the token of the current end (for `tail --follow`)."""
+
+    @abc.abstractmethod
+    async def writers(self) -> list[str]:
+        """Every writer with records or a prune marker."""
+
+    @abc.abstractmethod
+    async def prune_markers(self) -> dict[str, PruneMarker]: ...
+
+    @abc.abstractmethod
+    def chain_rows(self, writer: str) -> AsyncIterator[ChainRow]:
+        """The writer's stored records in ascending `seq` order."""
+
+    @abc.abstractmethod
+    async def prune_records(self, cutoff_us: int, now_us: int) -> int:
+        """Delete, per writer, the longest chain prefix of records started before `cutoff_us`, leaving a prune
+        marker in the same transaction. Returns the number of records deleted."""
+
+    @abc.abstractmethod
+    async def purge_bodies(self, cutoff_us: int, now_us: int) -> int:
+        """Drop the bodies of records started before `cutoff_us`. Returns how many records lost bodies."""
+
+    async def iter_records(self, q: RecordQuery) -> AsyncIterator[AuditRecord]:
+        """Every record matching `q` (its `limit` is the page size), following page cursors."""
+        cursor = q.cursor
+        while True:
+            page = await self.query(RecordQuery(
+                agent=q.agent, effect=q.effect, outcome=q.outcome, host=q.host, text=q.text, since_us=q.since_us,
+                until_us=q.until_us, limit=q.limit, cursor=cursor, ascending=q.ascending, bodies=q.bodies))
+            for record in page.records:
+                yield record
+            if page.next is None:
+                return
+            cursor = page.next

@@ -1,0 +1,93 @@
+"""SQL shared by the SQLite and PostgreSQL stores: one table layout, one query builder, two placeholder styles.
+
+Layout (`<prefix>records`): the canonical record JSON exactly as hashed (`record`, TEXT, so it is readable
+with the database's JSON functions), its `hash`, the chain key (`writer`, `seq`, unique), copies of a few
+fields for searching (`index_of`; `verify` checks they agree with the JSON), the zlib-packed bodies, and
+`purged_us` once retention dropped them. `ingest` numbers rows in arrival order for `tail --follow`.
+`<prefix>prune` holds one prune marker per writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from bastion.audit.bodies import DecodeError, unpack
+from bastion.audit.entry import Entry
+from bastion.audit.record import AuditRecord, Body
+from bastion.audit.sinks.base import MAX_PAGE, RecordQuery, index_of, parse_page_key
+
+log = logging.getLogger("bastion.audit")
+
+INDEX_COLUMNS = ("id", "started_us", "ended_us", "agent", "method", "host", "url", "status", "effect", "outcome")
+INSERT_COLUMNS = ("writer", "seq", *INDEX_COLUMNS, "record", "hash", "request_body", "response_body")
+READ_COLUMNS = "writer, seq, record, hash, request_body, response_body, purged_us"
+
+
+class Params:
+    """Collects query arguments and hands out placeholders: `?` (SQLite) or `$n` (PostgreSQL)."""
+
+    def __init__(self, numbered: bool) -> None:
+        self.numbered = numbered
+        self.args: list[Any] = []
+
+    def __call__(self, value: Any) -> str:
+        self.args.append(value)
+        return f"${len(self.args)}" if self.numbered else "?"
+
+
+def entry_row(entry: Entry) -> tuple[Any, ...]:
+    idx = index_of(entry.record)
+    return (entry.writer, entry.seq, *(idx[c] for c in INDEX_COLUMNS), entry.canonical.decode("utf-8"),
+            entry.hash, entry.request_body, entry.response_body)
+
+
+def select_records(table: str, q: RecordQuery, p: Params, *, ilike: bool = False) -> str:
+    where: list[str] = []
+    if q.agent is not None:
+        where.append(f"agent = {p(q.agent)}")
+    if q.effect is not None:
+        where.append(f"effect = {p(q.effect)}")
+    if q.outcome is not None:
+        where.append(f"outcome = {p(q.outcome)}")
+    if q.host is not None:
+        where.append(f"host = {p(q.host.lower())}")
+    if q.text:
+        escaped = q.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        like = "ILIKE" if ilike else "LIKE"
+        where.append(f"(url {like} {p('%' + escaped + '%')} ESCAPE '\\' OR id = {p(q.text)})")
+    if q.since_us is not None:
+        where.append(f"started_us >= {p(q.since_us)}")
+    if q.until_us is not None:
+        where.append(f"started_us < {p(q.until_us)}")
+    if q.cursor:
+        started, writer, seq = parse_page_key(q.cursor)
+        op = ">" if q.ascending else "<"
+        where.append(f"(started_us, writer, seq) {op} ({p(started)}, {p(writer)}, {p(seq)})")
+    order = "ASC" if q.ascending else "DESC"
+    cols = READ_COLUMNS if q.bodies else "writer, seq, record, hash, NULL, NULL, purged_us"
+    limit = max(1, min(q.limit, MAX_PAGE))
+    # Identifiers are constants or validated names; every value is a bound parameter.
+    return (f"SELECT {cols} FROM {table} {'WHERE ' + ' AND '.join(where) if where else ''} "  # noqa: S608
+            f"ORDER BY started_us {order}, writer {order}, seq {order} LIMIT {p(limit + 1)}")
+
+
+def row_record(row: Sequence[Any]) -> AuditRecord:
+    """A record from a (writer, seq, record, hash, request_body, response_body, purged_us) row."""
+    record = AuditRecord.from_bytes(row[2])
+    record.hash = row[3]
+    record.purged_us = row[6]
+    _attach(record.request.body, row[4], record.id)
+    if record.response is not None:
+        _attach(record.response.body, row[5], record.id)
+    return record
+
+
+def _attach(body: Body | None, blob: bytes | None, record_id: str) -> None:
+    if body is None or blob is None:
+        return
+    try:
+        body.content = unpack(bytes(blob), body.stored)
+    except DecodeError as e:
+        log.warning("audit record %s: stored body unreadable: %s", record_id, e)
