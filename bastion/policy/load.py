@@ -160,6 +160,9 @@ def _explain_pydantic(err: Any) -> str:
         expected = err.get("ctx", {}).get("expected", "")
         return f"{where}: expected {expected}, got {err.get('input')!r}"
     msg = err["msg"]
+    if kind == "string_type" and isinstance(err.get("input"), bool):
+        return (f"{where}: expected a string, got {err['input']!r}: YAML reads yes/no/on/off/true/false as "
+                "booleans, so quote the value")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     return f"{where}: {msg}" if where else msg
