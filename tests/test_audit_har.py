@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from bastion.audit.bodies import capture_bytes
-from bastion.ids import new_request_id
 from bastion.audit.record import (
     ApprovalFact,
     AuditRecord,
@@ -31,6 +30,7 @@ from bastion.audit.record import (
 from bastion.audit.sample import sample_exchange
 from bastion.audit.settings import AuditConfig
 from bastion.audit.writer import AuditWriter
+from bastion.ids import new_request_id
 
 NUM = (int, float)
 

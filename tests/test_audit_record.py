@@ -10,7 +10,6 @@ import uuid
 import pytest
 
 from bastion.audit.chain import GENESIS, Chain, ChainHead, record_hash
-from bastion.ids import new_request_id
 from bastion.audit.record import (
     ApprovalFact,
     AuditRecord,
@@ -26,6 +25,7 @@ from bastion.audit.record import (
     canonical,
     hashed_form,
 )
+from bastion.ids import new_request_id
 from bastion.policy.decision import Decision
 
 

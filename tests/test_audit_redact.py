@@ -15,12 +15,12 @@ import pytest
 
 from bastion.audit.bodies import capture_bytes
 from bastion.audit.finalize import finalize
-from bastion.ids import new_request_id
 from bastion.audit.record import AuditRecord, ErrorFacts, Identity, Request, Response, Timings
 from bastion.audit.redact import MASK, Redactor, is_secret_name
 from bastion.audit.settings import AuditConfig
 from bastion.audit.sinks import open_store
 from bastion.audit.writer import AuditWriter
+from bastion.ids import new_request_id
 
 KEY = b"k" * 32
 

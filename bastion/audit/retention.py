@@ -16,9 +16,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bastion.ids import now_us
 from bastion.audit.settings import AuditConfig
 from bastion.audit.sinks.base import AuditStore
+from bastion.ids import now_us
 
 log = logging.getLogger("bastion.audit")
 

@@ -10,8 +10,8 @@ import json
 import random
 
 from bastion.audit.bodies import CapturedBody, capture_bytes
-from bastion.ids import new_request_id, now_us
 from bastion.audit.record import AuditRecord, DecisionFacts, Identity, Request, Response, Timings
+from bastion.ids import new_request_id, now_us
 
 _WORDS = ("ticket", "customer", "refund", "order", "shipping", "invoice", "account", "please", "thanks",
           "delayed", "package", "address", "update", "status", "billing", "support", "reply", "issue")
