@@ -264,12 +264,19 @@ class Policy:
 
     # -- evaluation -----------------------------------------------------------------------------------------
 
-    def evaluate(self, facts: RequestFacts, agent: str) -> Decision:
+    def _caller(self, agent: str) -> AgentSpec | Decision:
+        """The agent's spec, or the refusal for an agent no rule may ever serve (unknown, retired)."""
         spec = self.agents.get(agent)
         if spec is None:
             return self._refuse(agent, "unknown_agent", f"agent {agent!r} is not defined in the policy")
         if spec.status == "retired":
             return self._refuse(agent, "agent_retired", f"agent {agent!r} is retired")
+        return spec
+
+    def evaluate(self, facts: RequestFacts, agent: str) -> Decision:
+        spec = self._caller(agent)
+        if isinstance(spec, Decision):
+            return spec
         matched: list[tuple[CompiledRule, Captures]] = []
         errors: dict[str, str] = {}
         for rule in self._index[agent].candidates(facts):
@@ -283,11 +290,9 @@ class Policy:
 
     def explain(self, facts: RequestFacts, agent: str) -> Decision:
         """Like `evaluate`, but considers every rule and says why each matched or not."""
-        spec = self.agents.get(agent)
-        if spec is None:
-            return self._refuse(agent, "unknown_agent", f"agent {agent!r} is not defined in the policy")
-        if spec.status == "retired":
-            return self._refuse(agent, "agent_retired", f"agent {agent!r} is retired")
+        spec = self._caller(agent)
+        if isinstance(spec, Decision):
+            return spec
         matched: list[tuple[CompiledRule, Captures]] = []
         errors: dict[str, str] = {}
         trace: list[TraceEntry] = []
