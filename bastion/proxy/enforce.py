@@ -42,13 +42,24 @@ def facts_headers(fields: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
     return out
 
 
-def host_header_matches(host_header: str, raw_host: str, facts: RequestFacts) -> bool:
+def drop_h2c_upgrade(headers: http.Headers, seen: dict[str, str]) -> None:
+    """Remove an `Upgrade: h2c` offer (and its companions) from the request and from what the rules see.
+    mitmproxy speaks HTTP/2 only over TLS; a server accepting the upgrade would break the connection."""
+    names = (b"upgrade", b"connection", b"http2-settings")
+    headers.fields = tuple((k, v) for k, v in headers.fields if k.lower() not in names)
+    for name in ("upgrade", "connection", "http2-settings"):
+        seen.pop(name, None)
+
+
+def host_header_matches(host_header: str, raw_host: str, port: int, facts: RequestFacts) -> bool:
     """Does the Host header / :authority name the host (and port, if given) the request is sent to?"""
-    if host_header == raw_host:
-        return True
+    if host_header.startswith(raw_host):  # the usual case, without parsing: "host" or "host:port"
+        rest = host_header[len(raw_host):]
+        if not rest or rest == f":{port}":
+            return True
     try:
-        host, port = parse_authority(host_header, check=True)
-        return canonical_host(host) == facts.host and (port is None or port == facts.port)
+        host, given_port = parse_authority(host_header, check=True)
+        return canonical_host(host) == facts.host and (given_port is None or given_port == facts.port)
     except (ValueError, FactsError):
         return False
 
@@ -74,17 +85,18 @@ class Enforce:
         """Refuse what is too big before the body is read into memory for the rules."""
         if flow.response is not None:
             return
-        headers = flow.request.headers
         size = 0
-        for k, v in headers.fields:
+        length = None
+        for k, v in flow.request.headers.fields:
             size += len(k) + len(v) + 4
+            if length is None and len(k) == 14 and k.lower() == b"content-length":
+                length = v
         if size > self.max_header_bytes:
             self._count_refused(flow)
             responses.refuse(flow, 431, responses.HEADERS_TOO_LARGE,
                              f"Request headers are {size} bytes; Bastion accepts at most {self.max_header_bytes}.",
                              headers={"connection": "close"})
             return
-        length = headers.get("content-length")
         if length is not None:
             try:
                 n = int(length)
@@ -115,8 +127,15 @@ class Enforce:
         if body is not None and len(body) > self.max_request_body:  # chunked uploads have no length upfront
             self._too_large(flow, len(body))
             return
+        if req.method == "PRI":  # an HTTP/2 connection preface in cleartext: never a request to forward
+            self._count_refused(flow)
+            responses.refuse(flow, 400, responses.BAD_REQUEST,
+                             "HTTP/2 without TLS (prior knowledge) is not supported; use https:// for HTTP/2.")
+            return
         raw_path, _, raw_query = req.path.partition("?")
         headers = facts_headers(req.headers.fields)
+        if headers.get("upgrade", "").lower() == "h2c":  # cleartext HTTP/2 upgrade: neither side may switch
+            drop_h2c_upgrade(req.headers, headers)
         scheme = req.scheme
         if headers.get("upgrade", "").lower() == "websocket":
             scheme = "wss" if scheme == "https" else "ws"
@@ -130,7 +149,7 @@ class Enforce:
             responses.refuse(flow, 400, responses.BAD_REQUEST, f"Malformed request: {e}.")
             return
         host_header = req.host_header
-        if host_header is not None and not host_header_matches(host_header, req.host, facts):
+        if host_header is not None and not host_header_matches(host_header, req.host, req.port, facts):
             self._count_refused(flow)
             responses.refuse(flow, 400, responses.BAD_REQUEST,
                              f"The Host header {host_header!r} does not name the host this request goes to "

@@ -15,6 +15,17 @@ Set per agent request (not on CONNECT flows, except REQUEST_ID, AGENT and POLICY
 - REFUSAL: str, the `error.type` when Bastion answered the request itself (absent for upstream responses).
 - UPSTREAM_ADDRESS: (ip, port) the request is pinned to after the network guard vetted it.
 - STARTED: float, `time.monotonic()` when the request headers arrived.
+- LOCKS: list of dicts, the task locks a forwarded request went out under (set by the lock addon), each
+  `{"key", "rule", "fence", "renewed", "expires_at", "release"}`: `fence` is None for a `release` key that was
+  free, `expires_at` ISO 8601 UTC (None for a free key), `release` True when a 2xx answer frees the lock.
+- LOCK_EVENTS: list of dicts, what the lock addon did for this request, in order, for the audit record:
+  `{"event", "key", ...}` with event one of acquired, renewed, checked, conflict, lost, rolled_back,
+  store_unavailable, released, not_released.
+- APPROVAL: dict, the approval of a held call, for the audit record (set by the approval addon):
+  `{"id", "state", "decided_by", "note", "waited_s"}`; state one of pending, approved, denied, expired,
+  consumed; `decided_by`, `note` may be None; `waited_s` is how long the agent's connection was held.
+- CAPTURE: the audit capture's own state for this exchange (`bastion.proxy.exchange.Exchange`): what the
+  agent sent, taken before any stage changes the request, and the response body tap. Only capture uses it.
 """
 
 from __future__ import annotations
@@ -28,6 +39,10 @@ OBLIGATIONS = "bastion.obligations"
 REFUSAL = "bastion.refusal"
 UPSTREAM_ADDRESS = "bastion.upstream_address"
 STARTED = "bastion.started"
+LOCKS = "bastion.locks"
+LOCK_EVENTS = "bastion.lock_events"
+APPROVAL = "bastion.approval"
+CAPTURE = "bastion.capture"
 
 OBLIGATION_APPROVAL = "approval"
 OBLIGATION_LOCK = "lock"

@@ -147,7 +147,8 @@ class Identity:
     def _verify(header: str | None, policy: Policy, cached: _Verified | None) -> _Verified | None:
         if header is None:
             return None
-        if cached is not None and cached.policy is policy and hmac.compare_digest(cached.header, header):
+        if cached is not None and cached.policy is policy and hmac.compare_digest(
+                cached.header.encode("utf-8", "surrogateescape"), header.encode("utf-8", "surrogateescape")):
             return cached  # same connection, same credentials, same policy: verified already
         creds = parse_basic(header)
         if creds is None:

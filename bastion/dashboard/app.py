@@ -1,0 +1,109 @@
+"""The admin listener's aiohttp application: health, readiness, metrics and the JSON API.
+
+It runs on the proxy's event loop (one process, one loop), so handlers must never block: everything here
+reads in-memory state or awaits. Routes (DESIGN.md "Admin listener"):
+
+- `GET /healthz`: the process is alive.
+- `GET /readyz`: a policy is loaded and every registered readiness check passes (503 otherwise, e.g. while
+  shutting down, so a load balancer stops sending work).
+- `GET /metrics`: Prometheus text format.
+- `GET /api/rules`: the active policy, its sources and revision, and the last reload attempt with errors.
+- `POST /api/rules/reload`: reload now (role `admin`); 200 when the new policy is active, 422 with the
+  `FILE:LINE` errors when it is invalid (the old policy stays).
+
+Other areas add their routes to the app `create_app` returns (flows, approvals, locks, agents).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from bastion import metrics
+from bastion.dashboard.auth import UserDirectory, auth_middleware, require
+
+
+class ReloadOutcome(Protocol):
+    ok: bool
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class PolicySource(Protocol):
+    """The active policy and how to reload it (`bastion.proxy.state.PolicyState` is one)."""
+
+    @property
+    def policy(self) -> Any: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+    async def reload(self, trigger: str) -> ReloadOutcome: ...
+
+
+ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
+
+POLICY_SOURCE = web.AppKey("bastion_policy_source", PolicySource)
+READY_CHECKS = web.AppKey("bastion_ready_checks", list)
+
+
+def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyCheck]] = (),
+               lock_store: Any = None, audit_store: Any = None) -> web.Application:
+    def directory() -> UserDirectory:
+        return source.policy  # type: ignore[no-any-return]
+
+    app = web.Application(middlewares=[auth_middleware(directory)], client_max_size=1 << 20)
+    app[POLICY_SOURCE] = source
+    app[READY_CHECKS] = list(ready_checks)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/api/rules", get_rules)
+    app.router.add_post("/api/rules/reload", post_reload)
+    if lock_store is not None:  # a `bastion.coord.LockStore`: lock routes and the store's readiness check
+        from bastion.dashboard import locks_api
+
+        locks_api.install(app, lock_store)
+    if audit_store is not None:  # a `bastion.audit.AuditStore` to read flows from (its owner closes it)
+        from bastion.dashboard import flows_api
+
+        flows_api.install(app, audit_store)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    source = request.app[POLICY_SOURCE]
+    policy = source.policy
+    checks: dict[str, dict[str, Any]] = {
+        "policy": {"ok": policy is not None,
+                   "detail": f"revision {policy.revision[:12]}" if policy is not None else "no policy loaded"},
+    }
+    for name, check in request.app[READY_CHECKS]:
+        try:
+            ok, detail = await check()
+        except Exception as e:  # a failing check means "not ready", never a 500
+            ok, detail = False, f"check failed: {e}"
+        checks[name] = {"ok": ok, "detail": detail}
+    ready = all(c["ok"] for c in checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body, content_type = metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def get_rules(request: web.Request) -> web.Response:
+    return web.json_response(request.app[POLICY_SOURCE].to_json())
+
+
+async def post_reload(request: web.Request) -> web.Response:
+    source = request.app[POLICY_SOURCE]
+    require(request, source.policy, ["role:admin"], "Reloading the rules")
+    result = await source.reload("api")
+    return web.json_response({"ok": result.ok, "reload": result.to_json()}, status=200 if result.ok else 422)
