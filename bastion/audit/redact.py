@@ -101,9 +101,35 @@ BUILTIN_PATTERNS: tuple[_Pattern, ...] = (
     _p("bearer", r"\b[Bb]earer\s+(?P<s>[A-Za-z0-9._~+/-]{16,}=*)", "earer"),
 )
 
+
+
+def _keyword_regex(words: Iterable[str]) -> str:
+    """One alternation of `words`, factored into a trie (`A(?:KIA|SIA|...)`): the regex engine then rejects a
+    position after one or two characters instead of trying every keyword there, which makes this search about
+    2.5x faster than a flat `a|b|c` on text without any keyword (the common case)."""
+    trie: dict[str, dict] = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict[str, dict]) -> str:
+        if "" in node:  # a keyword ends here; longer ones sharing this prefix are found by it anyway
+            return ""
+        alts = [re.escape(ch) + emit(sub) for ch, sub in sorted(node.items())]
+        return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+
+    return emit(trie)
+
+
 # One search for every keyword first: most strings (and most bodies) contain none, and then no pattern runs.
-_KEYWORDS = re.compile("|".join(re.escape(k) for p in BUILTIN_PATTERNS for k in p.keywords))
+# "earer" (either case of "Bearer") is searched as its two spellings, so no alternative starts with "e".
+_KEYWORD_LIST = tuple(sorted({k for p in BUILTIN_PATTERNS for k in p.keywords if k != "earer"} | {"Bearer", "bearer"}))
+_KEYWORDS = re.compile(_keyword_regex(_KEYWORD_LIST))
+_KEYWORDS_BYTES = re.compile(_keyword_regex(_KEYWORD_LIST).encode("ascii"))
 _MIN_SECRET = 15  # no built-in pattern matches fewer characters
+_MEMO_SIZE = 4096  # names whose secret-or-not verdict a Redactor remembers
 
 # `"name": "value"` pairs in text that is JSON-ish but not parseable (cut bodies, SSE events, logs in bodies).
 _JSON_PAIR = re.compile(r'"((?:[^"\\\n]|\\.){1,100})"\s*:\s*"((?:[^"\\\n]|\\.){1,65536})"')
@@ -115,7 +141,7 @@ def pointer(*parts: str | int) -> str:
 
 
 class Redactor:
-    """Masks secrets in one record's parts. Immutable after construction; safe to share between threads.
+    """Masks secrets in one record's parts. Settings are fixed at construction; safe to share between threads.
 
     Each method takes the path prefix of the part and a `found` list it appends masked paths to.
     """
@@ -132,6 +158,12 @@ class Redactor:
                 raise ValueError(f"redaction pattern {rx!r} is not a valid regex: {e}") from None
         self._custom = tuple(extra)
         self._key = key
+        # Verdicts of secret_header / secret_key by name. Header and JSON key names repeat from call to call
+        # (an LLM API has a few dozen), so after warm-up a name costs one dict lookup instead of lower(),
+        # set lookups and a word split. Filled racily from several threads: every writer stores the same
+        # verdict, so that is harmless. Bounded, so hostile traffic with random names cannot grow it.
+        self._header_memo: dict[str, bool] = {}
+        self._key_memo: dict[str, bool] = {}
 
     # --- masks and names -------------------------------------------------------------------------------------
 
@@ -142,13 +174,23 @@ class Redactor:
         return f"[REDACTED:{tag}]"
 
     def secret_header(self, name: str) -> bool:
-        low = name.lower()
-        return low in self._headers or is_secret_name(low)
+        verdict = self._header_memo.get(name)
+        if verdict is None:
+            low = name.lower()
+            verdict = low in self._headers or is_secret_name(low)
+            if len(self._header_memo) < _MEMO_SIZE:
+                self._header_memo[name] = verdict
+        return verdict
 
     def secret_key(self, name: str) -> bool:
         """JSON keys, form fields and query parameters."""
-        low = name.lower()
-        return low in self._keys or low in BUILTIN_PARAMS or is_secret_name(name)
+        verdict = self._key_memo.get(name)
+        if verdict is None:
+            low = name.lower()
+            verdict = low in self._keys or low in BUILTIN_PARAMS or is_secret_name(name)
+            if len(self._key_memo) < _MEMO_SIZE:
+                self._key_memo[name] = verdict
+        return verdict
 
     # --- values ----------------------------------------------------------------------------------------------
 
@@ -182,16 +224,18 @@ class Redactor:
     def headers(self, headers: Sequence[Header], path: str, found: list[str]) -> list[Header]:
         out: list[Header] = []
         for name, value in headers:
-            where = path + pointer(name.lower())
             if value and self.secret_header(name):
-                found.append(where)
+                found.append(path + pointer(name.lower()))
                 scheme, sep, rest = value.partition(" ")
                 if sep and rest and scheme.isalpha() and len(scheme) <= 16:  # keep "Bearer", "Basic"
                     value = f"{scheme} {self.mask(rest.strip())}"
                 else:
                     value = self.mask(value)
             else:
-                value = self.text(value, where, found)
+                masked = self.scan(value)
+                if masked != value:
+                    found.append(path + pointer(name.lower()))
+                    value = masked
             out.append((name, value))
         return out
 
@@ -241,6 +285,8 @@ class Redactor:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return None
+        if self._plain_json(data) and not self._any_secret_key(doc):
+            return data
         before = len(found)
         try:
             new = self.value(doc, path, found)
@@ -250,6 +296,34 @@ class Redactor:
         if len(found) == before:
             return data
         return json.dumps(new, ensure_ascii=False).encode("utf-8")
+
+    def _plain_json(self, data: bytes) -> bool:
+        """True when no string inside the JSON document `data` can hold a credential format, judged on the raw
+        bytes in one search instead of one per string.
+
+        Sound because the keywords are made of letters, digits, `-`, `_`, `.` and spaces, none of which a JSON
+        escape other than `\\uXXXX` produces: without `\\u` in the text, a keyword in a decoded string is
+        a keyword in the bytes. The bytes must be UTF-8 (json.loads also reads UTF-16 and UTF-32), and custom
+        patterns, which may match anything, must be absent.
+        """
+        return (not self._custom and b"\\u" not in data and json.detect_encoding(data) in ("utf-8", "utf-8-sig")
+                and _KEYWORDS_BYTES.search(data) is None)
+
+    def _any_secret_key(self, doc: Any) -> bool:
+        """Whether any object key in the parsed document is secret-like: a walk that builds nothing (no copies,
+        no paths), for the common body that has nothing to mask."""
+        stack = [doc]
+        while stack:
+            node = stack.pop()
+            if type(node) is dict:
+                for k, v in node.items():
+                    if self.secret_key(k):
+                        return True
+                    if type(v) is dict or type(v) is list:
+                        stack.append(v)
+            elif type(node) is list:
+                stack.extend(v for v in node if type(v) is dict or type(v) is list)
+        return False
 
     def value(self, node: Any, path: str, found: list[str]) -> Any:
         """A parsed JSON value: secret-named keys masked, strings scanned. Returns a new value."""

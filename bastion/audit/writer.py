@@ -3,7 +3,8 @@
 Path of a record:
 
     proxy (event loop)       submit(record, bodies)    O(1): a queue put, nothing else
-    spool thread             finalize (decode, redact) -> chain link -> spool append (os.write)
+    spool thread             finalize (decode, redact) -> chain link -> spool append (one os.write for the
+                             records that arrived together)
                              fdatasync at least every `sync_interval` (0.2 s), or at once for flush()
     drain task (event loop)  read synced entries (spool I/O on its own thread) -> store.write(batch)
                              -> move the spool cursor; on sink failure back off and retry, in order
@@ -310,6 +311,7 @@ class AuditWriter:
                 items.append(self._queue.get(timeout=timeout))
                 while len(items) < 256:
                     items.append(self._queue.get_nowait())
+            batch: list[_Prepared] = []
             for item in items:
                 if item is _STOP:
                     stop = True
@@ -317,17 +319,18 @@ class AuditWriter:
                     flushes.append(item)
                 else:
                     prepared = self._prepare(item)
-                    if prepared is None:
-                        continue
-                    if retry or not self._append(prepared):
-                        retry.append(prepared)
-                        next_retry = time.monotonic() + 1.0
-                    else:
-                        dirty = True
+                    if prepared is not None:
+                        batch.append(prepared)
+            if batch:
+                left = batch if retry else self._append(batch)  # behind earlier failures: keep the order
+                dirty = dirty or len(left) < len(batch)
+                if left:
+                    retry.extend(left)
+                    next_retry = time.monotonic() + 1.0
             if retry and (stop or time.monotonic() >= next_retry):
-                while retry and self._append(retry[0]):
-                    retry.popleft()
-                    dirty = True
+                left = self._append(list(retry))
+                dirty = dirty or len(left) < len(retry)
+                retry = deque(left)
                 next_retry = time.monotonic() + 1.0
             now = time.monotonic()
             if dirty and (now - last_sync >= self._sync_interval or flushes or stop) and self._sync():
@@ -360,8 +363,41 @@ class AuditWriter:
                 return None
         return _Prepared(job.record, req, resp, job.nbytes)
 
-    def _append(self, p: _Prepared) -> bool:
-        """Chain and spool one record. False (and the chain unchanged) when the spool cannot be written."""
+    def _append(self, batch: list[_Prepared]) -> list[_Prepared]:
+        """Chain and spool records, in order, with one write for the lot (`Spool.append_many`). Returns those
+        not written because the spool failed: the chain then continues from the last record written, so
+        they are linked again, at the same positions, when retried."""
+        linked: list[tuple[_Prepared, Entry, bytes]] = []
+        base = self._chain.head
+        for p in batch:
+            entry = self._link(p)
+            if entry is not None:
+                linked.append((p, entry, entry.frame()))
+        spans, error = self._spool.append_many([frame for _, _, frame in linked])
+        if error is not None:
+            if self._spool_ok:
+                log.error("audit spool %s: cannot write (%s); refusing records until it can",
+                          self._spool.directory, error)
+            self._spool_ok = False
+        written = linked[:len(spans)]
+        last = written[-1][1] if written else None
+        self._chain.advance(ChainHead(last.writer, last.seq, last.hash) if last is not None else base)
+        with self._recent_lock:
+            for (_, entry, frame), (start, end) in zip(written, spans, strict=True):
+                self._recent.append((start, end, entry, len(frame)))
+                self._recent_bytes += len(frame)
+            while self._recent_bytes > _RECENT_BYTES:
+                self._recent_bytes -= self._recent.popleft()[3]
+        if written and error is None and not self._spool_ok:
+            log.warning("audit spool %s: writable again", self._spool.directory)
+            self._spool_ok = True
+        with self._lock:
+            self._pending_bytes -= sum(p.nbytes for p, _, _ in written)
+        return [p for p, _, _ in linked[len(spans):]]
+
+    def _link(self, p: _Prepared) -> Entry | None:
+        """Give the record the next place in the chain (advanced at once; `_append` winds it back to the last
+        record written). None when the record cannot be encoded: it is counted as lost."""
         try:
             data, head = self._chain.link(p.record)
         except (TypeError, ValueError):  # `extra` held something that is not JSON
@@ -372,29 +408,9 @@ class AuditWriter:
             except (TypeError, ValueError):
                 log.exception("audit record %s: cannot be encoded; dropped", p.record.id)
                 self._lost(p, "invalid")
-                return True  # handled: there is nothing to retry
-        entry = Entry(head.writer, head.seq, head.hash, data, p.request_blob, p.response_blob, p.record)
-        frame = entry.frame()
-        try:
-            start, end = self._spool.append(frame)
-        except OSError as e:
-            if self._spool_ok:
-                log.error("audit spool %s: cannot write (%s); refusing records until it can",
-                          self._spool.directory, e)
-            self._spool_ok = False
-            return False
+                return None
         self._chain.advance(head)
-        with self._recent_lock:
-            self._recent.append((start, end, entry, len(frame)))
-            self._recent_bytes += len(frame)
-            while self._recent_bytes > _RECENT_BYTES:
-                self._recent_bytes -= self._recent.popleft()[3]
-        if not self._spool_ok:
-            log.warning("audit spool %s: writable again", self._spool.directory)
-            self._spool_ok = True
-        with self._lock:
-            self._pending_bytes -= p.nbytes
-        return True
+        return Entry(head.writer, head.seq, head.hash, data, p.request_blob, p.response_blob, p.record)
 
     def _sync(self) -> bool:
         try:

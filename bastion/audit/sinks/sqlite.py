@@ -141,9 +141,10 @@ class SQLiteStore(AuditStore):
 
     async def write(self, entries: Sequence[Entry]) -> None:
         if entries:
-            await self._run(self._write_sync, [entry_row(e) for e in entries])
+            await self._run(self._write_sync, list(entries))
 
-    def _write_sync(self, rows: list[tuple[Any, ...]]) -> None:
+    def _write_sync(self, entries: list[Entry]) -> None:
+        rows = [entry_row(e) for e in entries]  # here, not on the event loop: a few µs per record add up
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
