@@ -18,12 +18,10 @@ threads, on/off ratio), the records the audit wrote, and the target (on >= 0.9x 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
 import shutil
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -55,80 +53,19 @@ RESPONSE_BODY = json.dumps({
 
 
 def role_upstream(cert: str, key: str) -> None:
-    """An LLM-shaped upstream on HTTP and HTTPS; prints the two ports, serves until killed."""
-    from aiohttp import web
-
-    async def chat(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(body=RESPONSE_BODY, content_type="application/json")
-
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", chat)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(cert, key)
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
-        print(json.dumps([a[1] for a in runner.addresses]), flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    """An LLM-shaped upstream on HTTP and HTTPS (proxy_bench's, answering RESPONSE_BODY)."""
+    pb.role_upstream(cert, key, RESPONSE_BODY)
 
 
 def role_load(url: str, proxy: str, conc: int, seconds: float, warmup: float, cafile: str) -> None:
-    """Closed loop of POSTs: `conc` workers on keep-alive connections; prints req/s, p50, p99 as JSON."""
-    import aiohttp
-
-    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench-not-a-real-key-0123456789"}
-
-    async def main() -> dict[str, float]:
-        ctx = ssl.create_default_context(cafile=cafile)
-        lat: list[float] = []
-        errors = 0
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc, ssl=ctx)) as s:
-            t_meas = time.perf_counter() + warmup
-            t_end = t_meas + seconds
-
-            async def worker() -> None:
-                nonlocal errors
-                while (t := time.perf_counter()) < t_end:
-                    try:
-                        async with s.post(url, data=REQUEST_BODY, headers=headers, proxy=proxy) as r:
-                            await r.read()
-                            ok = r.status == 200
-                    except Exception:
-                        ok = False
-                    if t >= t_meas:
-                        if ok:
-                            lat.append(time.perf_counter() - t)
-                        else:
-                            errors += 1
-
-            await asyncio.gather(*(worker() for _ in range(conc)))
-        lat.sort()
-        n = len(lat)
-
-        def q(p: float) -> float:
-            return lat[min(n - 1, int(p * n))] * 1000 if n else float("nan")
-
-        return {"req_s": n / seconds, "p50_ms": q(0.5), "p99_ms": q(0.99), "errors": errors, "n": n}
-
-    print(json.dumps(asyncio.run(main())), flush=True)
+    """proxy_bench's closed loop, POSTing REQUEST_BODY with an API key the audit must redact."""
+    pb.role_load(url, proxy, conc, seconds, warmup, cafile, body=REQUEST_BODY,
+                 headers={"Content-Type": "application/json",
+                          "Authorization": "Bearer sk-bench-not-a-real-key-0123456789"})
 
 
 def role_serve(audit: str, rules: str, home: str, upstream_ca: str) -> None:
-    """`bastion serve`, with or without the audit capture (see the module docstring)."""
-    import argparse as ap
-
-    from bastion.proxy.server import configure_logging, serve
-    from bastion.proxy.settings import serve_settings
-
-    settings = serve_settings(ap.Namespace(rules=[rules], listen="127.0.0.1:0", admin="127.0.0.1:0", home=home,
-                                           store=None, audit=None, agent=None, upstream_ca=upstream_ca))
-    configure_logging()
-    raise SystemExit(asyncio.run(serve(settings, audit=audit == "on")))
+    pb.role_serve(audit, rules, home, upstream_ca)
 
 
 # -- orchestration ---------------------------------------------------------------------------------------

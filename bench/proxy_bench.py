@@ -43,18 +43,17 @@ USERS = {"bench": "bench-user-token"}
 # -- child process roles ---------------------------------------------------------------------------------
 
 
-def role_upstream(cert: str, key: str) -> None:
-    """A fast upstream: `{"ok": true, "n": 1}` on HTTP and HTTPS; prints the two ports, serves until killed."""
+def role_upstream(cert: str, key: str, body: bytes = b'{"ok": true, "n": 1}') -> None:
+    """A fast upstream answering `body` (JSON) on HTTP and HTTPS; prints the two ports, serves until killed."""
     from aiohttp import web
 
-    body = b'{"ok": true, "n": 1}'
-
-    async def small(request: web.Request) -> web.Response:
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
         return web.Response(body=body, content_type="application/json")
 
     async def main() -> None:
         app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", small)
+        app.router.add_route("*", "/{tail:.*}", answer)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -67,8 +66,10 @@ def role_upstream(cert: str, key: str) -> None:
     asyncio.run(main())
 
 
-def role_load(url: str, proxy: str, conc: int, seconds: float, warmup: float, cafile: str) -> None:
-    """Closed loop: `conc` workers on `conc` keep-alive connections; prints req/s, p50, p99 as JSON."""
+def role_load(url: str, proxy: str, conc: int, seconds: float, warmup: float, cafile: str,
+              body: bytes | None = None, headers: dict[str, str] | None = None) -> None:
+    """Closed loop: `conc` workers on `conc` keep-alive connections, GETs (or POSTs of `body`); prints req/s,
+    p50, p99 as JSON."""
     import aiohttp
 
     async def main() -> dict[str, float]:
@@ -84,7 +85,9 @@ def role_load(url: str, proxy: str, conc: int, seconds: float, warmup: float, ca
                 nonlocal errors
                 while (t := time.perf_counter()) < t_end:
                     try:
-                        async with s.get(url, proxy=proxy or None) as r:
+                        call = s.get(url, proxy=proxy or None) if body is None else s.post(
+                            url, data=body, headers=headers, proxy=proxy or None)
+                        async with call as r:
                             await r.read()
                             ok = r.status == 200
                     except Exception:
@@ -105,6 +108,19 @@ def role_load(url: str, proxy: str, conc: int, seconds: float, warmup: float, ca
         return {"req_s": n / seconds, "p50_ms": q(0.5), "p99_ms": q(0.99), "errors": errors, "n": n}
 
     print(json.dumps(asyncio.run(main())), flush=True)
+
+
+def role_serve(audit: str, rules: str, home: str, upstream_ca: str) -> None:
+    """`bastion serve` with the audit capture on or off (off exists for benchmarks only: no flag exposes it)."""
+    import argparse as ap
+
+    from bastion.proxy.server import configure_logging, serve
+    from bastion.proxy.settings import serve_settings
+
+    settings = serve_settings(ap.Namespace(rules=[rules], listen="127.0.0.1:0", admin="127.0.0.1:0", home=home,
+                                           store=None, audit=None, agent=None, upstream_ca=upstream_ca))
+    configure_logging()
+    raise SystemExit(asyncio.run(serve(settings, audit=audit == "on")))
 
 
 # -- orchestration ---------------------------------------------------------------------------------------
@@ -229,9 +245,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=1, help="measure each cell this many times, report the median")
-    ap.add_argument("--only", action="append", help="targets to run (direct, mitmdump, bastion-allow, bastion-100)")
+    ap.add_argument("--only", action="append",
+                    help="targets to run (direct, mitmdump, bastion-allow, bastion-100, bastion-100-audit)")
     args = ap.parse_args()
-    targets = args.only or ["direct", "mitmdump", "bastion-allow", "bastion-100"]
+    targets = args.only or ["direct", "mitmdump", "bastion-allow", "bastion-100", "bastion-100-audit"]
 
     from support.certs import make_test_certs
 
@@ -273,16 +290,24 @@ def main() -> None:
                     raise SystemExit("mitmdump did not start:\n" + (tmp / "mitmdump.log").read_text())
                 time.sleep(0.05)
             proxies["mitmdump"] = (f"http://127.0.0.1:{port}", p.pid)
-        for name, nrules in (("bastion-allow", 1), ("bastion-100", 100)):
+        # bastion-allow / bastion-100: the proxy and its rules (audit capture off, a benchmark-only switch);
+        # bastion-100-audit: `bastion serve` exactly as shipped, every exchange written to the SQLite audit log.
+        for name, nrules, audit in (("bastion-allow", 1, False), ("bastion-100", 100, False),
+                                    ("bastion-100-audit", 100, True)):
             if name not in targets:
                 continue
             rules = tmp / f"{name}.yaml"
             rules.write_text(policy_yaml(nrules))
             env = {**{k: v for k, v in os.environ.items() if not k.startswith("BASTION_")},
                    "BASTION_LOG_LEVEL": "WARNING"}
-            p = spawn([sys.executable, "-m", "bastion", "serve", "--rules", str(rules), "--listen", "127.0.0.1:0",
+            if audit:
+                cmd = [sys.executable, "-m", "bastion", "serve", "--rules", str(rules), "--listen", "127.0.0.1:0",
                        "--admin", "127.0.0.1:0", "--home", str(bastion_home.path), "--upstream-ca",
-                       str(certs.ca_cert)], tmp / f"{name}.log", env)
+                       str(certs.ca_cert)]
+            else:
+                cmd = [sys.executable, __file__, "_serve", "off", str(rules), str(bastion_home.path),
+                       str(certs.ca_cert)]
+            p = spawn(cmd, tmp / f"{name}.log", env)
             procs.append(p)
             m = wait_for(r"proxy on http://127\.0\.0\.1:(\d+)", tmp / f"{name}.log", p)
             proxies[name] = (f"http://{AGENT}:{TOKEN.replace(':', '%3A')}@127.0.0.1:{m.group(1)}", p.pid)
@@ -375,5 +400,7 @@ if __name__ == "__main__":
         role_upstream(sys.argv[2], sys.argv[3])
     elif len(sys.argv) > 1 and sys.argv[1] == "_load":
         role_load(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), sys.argv[7])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_serve":
+        role_serve(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
     else:
         main()
