@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -105,6 +106,22 @@ def test_pinned_agent_needs_no_credentials(tmp_path: Path, bastion_home: Path, t
         denied = requests.post(f"{upstream.http_url}/echo/erp/x", proxies=proxies, timeout=10)
         assert denied.json()["error"]["rule"] == "erp-read-only"
         assert "every connection is agent 'support-bot'" in server.logs()
+
+
+def test_sidecar_publishes_the_client_bundle_for_the_agent_container(tmp_path: Path, test_certs: CertFiles,
+                                                                     upstream: Upstream) -> None:
+    """An agent beside a pinned sidecar needs nothing but HTTPS_PROXY and SSL_CERT_FILE=<home>/ca-bundle.pem."""
+    home = tmp_path / "sidecar-home"
+    with run_bastion(tmp_path, [TESTDATA_RULES / "proxy.yaml"], home=home, agent="support-bot",
+                     upstream_ca=test_certs.ca_cert) as server:
+        bundle = home / "ca-bundle.pem"
+        assert bundle.read_bytes().count(b"BEGIN CERTIFICATE") > 10  # system roots + Bastion's CA
+        agent = ("import httpx, sys; r = httpx.get(sys.argv[1]); print(r.status_code, r.json()['path'])")
+        env = {"PATH": os.environ.get("PATH", ""), "HTTPS_PROXY": server.proxy_url(), "SSL_CERT_FILE": str(bundle)}
+        result = subprocess.run([sys.executable, "-c", agent, f"{upstream.https_url}/echo/from-agent"], env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["200", "/echo/from-agent"]
 
 
 def test_pinned_retired_agent_is_refused(tmp_path: Path, bastion_home: Path, upstream: Upstream) -> None:

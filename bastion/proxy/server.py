@@ -33,7 +33,7 @@ from bastion.config import ConfigError
 from bastion.coord.store import LockStore
 from bastion.policy.engine import Policy
 from bastion.policy.load import PolicyIssue, PolicyLoadError
-from bastion.proxy.ca import ensure_ca, write_upstream_trust
+from bastion.proxy.ca import ensure_ca, write_client_bundle, write_upstream_trust
 from bastion.proxy.netcheck import ProtectedTargets, local_addresses, normalize, parse_ip
 from bastion.proxy.reload import RulesWatcher, cancel_and_wait
 from bastion.proxy.settings import ServeSettings
@@ -223,7 +223,9 @@ async def _serve(settings: ServeSettings, store: LockStore, audit: Any = None) -
                            EXIT_INVALID_POLICY) from None
     home = settings.data.home
     try:
-        await asyncio.to_thread(ensure_ca, home)
+        ca_cert = await asyncio.to_thread(ensure_ca, home)
+        # Sidecar deployments hand `<home>/ca-bundle.pem` to the agent's container: keep it current at start.
+        await asyncio.to_thread(write_client_bundle, home, ca_cert)
         trust = (await asyncio.to_thread(write_upstream_trust, home, settings.upstream_ca)
                  if settings.upstream_ca else None)
     except ConfigError as e:
