@@ -26,7 +26,6 @@ import asyncio
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from proxy_bench import stop  # noqa: E402  (this directory: stop a child politely, then firmly)
+
 AGENT = "bench-bot"
 WORKLOADS = ("no lock", "lock (renew)", "lock+release")
 
@@ -145,16 +148,6 @@ def start(cmd: list[str], log: Path, pattern: str, env: dict[str, str] | None = 
         time.sleep(0.05)
     stop(proc)
     raise SystemExit(f"{cmd[:4]} did not start:\n{log.read_text()}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def redis_reachable(url: str) -> bool:

@@ -6,10 +6,15 @@ Helper modules sit beside the tests and are imported by name (`from support.bast
 
 from __future__ import annotations
 
+import os
+import random
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lockhistory import delete_prefix
+from services import require_redis
 from support.certs import CertFiles, make_test_certs
 from support.upstream import Upstream, run_upstream
 
@@ -39,3 +44,27 @@ def bastion_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = Home(tmp_path_factory.mktemp("bastion-home"))
     ensure_ca(home)
     return home.path
+
+
+# -- lock history tests (tests/test_coord_lockhistory.py, tests/test_locks_history_proxy.py) ------------------
+
+
+@pytest.fixture
+def seed() -> int:
+    """The random seed of a history run; printed so a failing run can be replayed with LOCKHISTORY_SEED."""
+    value = int(os.environ.get("LOCKHISTORY_SEED") or random.randrange(1 << 30))
+    print(f"lock history seed: {value} (LOCKHISTORY_SEED={value} replays it)")
+    return value
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return require_redis()
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A Redis key prefix of this test's own; only its keys are deleted afterwards."""
+    value = f"bastiontest:{uuid.uuid4().hex}:"
+    yield value
+    delete_prefix(redis_url, value)

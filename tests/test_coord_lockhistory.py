@@ -18,7 +18,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 import redis
 from lockhistory import (
     EPS_NS,
@@ -26,11 +25,9 @@ from lockhistory import (
     StoreClientFactory,
     WorkerConfig,
     check_history,
-    delete_prefix,
     load_history,
     worker_process,
 )
-from services import require_redis
 
 from bastion.coord import Conflict, Lease
 from bastion.coord.redis import RedisLockStore
@@ -46,25 +43,6 @@ class AlwaysGrantStore(RedisLockStore):
     async def _acquire(self, key: str, agent: str, ttl: float) -> Lease | Conflict:
         await self._call(self._client.delete(self._lock_key(key)))
         return await super()._acquire(key, agent, ttl)
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int(os.environ.get("LOCKHISTORY_SEED") or random.randrange(1 << 30))
-    print(f"lock history seed: {value} (LOCKHISTORY_SEED={value} replays it)")
-    return value
-
-
-@pytest.fixture
-def redis_url() -> str:
-    return require_redis()
-
-
-@pytest.fixture
-def prefix(redis_url: str):
-    value = f"bastiontest:{uuid.uuid4().hex}:"
-    yield value
-    delete_prefix(redis_url, value)
 
 
 def chaos(redis_url: str, workers: list[multiprocessing.process.BaseProcess], client_name: str, until: float,

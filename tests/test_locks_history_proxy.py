@@ -33,11 +33,9 @@ import uuid
 from pathlib import Path
 
 import httpx
-import pytest
 import redis.asyncio as aioredis
-from lockhistory import Recorder, check_history, delete_prefix, load_history
+from lockhistory import Recorder, check_history, load_history
 from lockproxy import FencedUpstream, HttpWorkerConfig, attribute_forwarded, run_http_worker
-from services import require_redis
 from support.bastion import BastionServer, run_bastion
 
 TTL = 1.0
@@ -77,25 +75,6 @@ def rules_yaml() -> str:
         network:
           allow_private: ["127.0.0.0/8"]
         """) % (agents, TTL)
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int(os.environ.get("LOCKHISTORY_SEED") or random.randrange(1 << 30))
-    print(f"lock history seed: {value} (LOCKHISTORY_SEED={value} replays it)")
-    return value
-
-
-@pytest.fixture
-def redis_url() -> str:
-    return require_redis()
-
-
-@pytest.fixture
-def prefix(redis_url: str):
-    value = f"bastiontest:{uuid.uuid4().hex}:"
-    yield value
-    delete_prefix(redis_url, value)
 
 
 async def chaos(sidecars: list[BastionServer], admin: aioredis.Redis, client_name: str, until: float,
