@@ -40,11 +40,16 @@ def test_all_errors_are_reported_at_once(tmp_path: Path) -> None:
         "  - {id: r1, effect: allow, agents: [nobody]}\n"
         "  - {id: r2, effect: allow, agents: ['role:ghost']}\n"
         "  - {id: r3, effect: deny, agents: [a], match: {json: {x: {regex: '('}}}}\n"
+        "  - id: r4\n"
+        "    effect: allow\n"
+        "    agents: [ghost]\n"
+        "    match: {host: 'a.*.com'}\n"
+        "    message: never shown\n"
     )
     with pytest.raises(PolicyLoadError) as e:
         load_policy([f])
-    assert [(i.line, i.message.split(":")[0]) for i in e.value.issues] == [(5, "rule r1"), (6, "rule r2"),
-                                                                           (7, "rule r3")]
+    assert [(i.line, i.message.split(":")[0]) for i in e.value.issues] == [
+        (5, "rule r1"), (6, "rule r2"), (7, "rule r3"), (10, "rule r4"), (11, "rule r4"), (12, "rule r4")]
 
 
 def test_directory_merges_files_and_skips_tests_and_hidden(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import ipaddress
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import pydantic
 
+from bastion.policy.decision import ApprovalSpec
 from bastion.policy.engine import (
     AgentSpec,
     AuditSettings,
@@ -39,7 +41,7 @@ from bastion.policy.matchers import (
     compile_path,
     compile_template,
 )
-from bastion.policy.schema import NAME, MatchModel, PolicyFile, RuleModel
+from bastion.policy.schema import NAME, ApprovalModel, MatchModel, PolicyFile, RuleModel
 from bastion.policy.yamlsource import YamlDocument, parse_yaml
 
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -257,10 +259,12 @@ def _compile(
             path: tuple[str | int, ...] = ("rules", i)
             if not first_time("rule id", rm.id, src, (*path, "id")):
                 continue
-            try:
-                rules.append(_compile_rule(rm, src, path, agents, agent_roles, users, user_roles))
-            except CompileError as e:
-                issues.append(src.at((*path, *e.subpath), f"rule {rm.id}: {e.message}"))
+            compiled = _compile_rule(rm, src, path, agents, agent_roles, users, user_roles)
+            if isinstance(compiled, CompiledRule):
+                rules.append(compiled)
+            else:
+                found = [src.at((*path, *e.subpath), f"rule {rm.id}: {e.message}") for e in compiled]
+                issues.extend(sorted(found, key=lambda i: i.line or 0))
 
     networks = []
     for src in sources:
@@ -276,8 +280,6 @@ def _compile(
     if audits:
         am = audits[0].model.audit
         assert am is not None
-        import re
-
         for i, pattern in enumerate(am.redact_patterns):
             try:
                 re.compile(pattern)
@@ -307,24 +309,34 @@ def _compile_rule(
     agent_roles: set[str],
     users: dict[str, UserSpec],
     user_roles: set[str],
-) -> CompiledRule:
+) -> CompiledRule | list[CompileError]:
+    """One rule, compiled; or every problem found in it (so one `bastion check` run shows them all)."""
+    problems: list[CompileError] = []
+
+    def attempt(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except CompileError as e:
+            problems.append(e)
+            return None
+
     for j, sel in enumerate(rm.agents):
         sub = ("agents", j)
-        if sel == "*":
-            continue
         if sel.startswith("role:"):
             if sel[5:] not in agent_roles:
-                raise CompileError(f"no agent has role {sel[5:]!r}", sub)
-        elif sel not in agents:
+                problems.append(CompileError(f"no agent has role {sel[5:]!r}", sub))
+        elif sel != "*" and sel not in agents:
             close = difflib.get_close_matches(sel, list(agents), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise CompileError(f"agent {sel!r} is not defined under `agents`{hint}", sub)
+            problems.append(CompileError(f"agent {sel!r} is not defined under `agents`{hint}", sub))
     if rm.effect == "deny" and (rm.lock or rm.release):
-        raise CompileError("a deny rule cannot take or release a lock", ("lock" if rm.lock else "release",))
+        problems.append(CompileError("a deny rule cannot take or release a lock",
+                                     ("lock" if rm.lock else "release",)))
     if rm.approval is not None and rm.effect != "hold":
-        raise CompileError("`approval` only belongs on a rule with effect: hold", ("approval",))
+        problems.append(CompileError("`approval` only belongs on a rule with effect: hold", ("approval",)))
     if rm.message is not None and rm.effect == "allow":
-        raise CompileError("`message` is shown to agents on refusals; an allow rule never shows it", ("message",))
+        problems.append(CompileError("`message` is shown to agents on refusals; an allow rule never shows it",
+                                     ("message",)))
 
     hosts: tuple[Any, ...] = ()
     methods: frozenset[str] | None = None
@@ -332,15 +344,19 @@ def _compile_rule(
     matchers: list[Matcher] = []
     captures: frozenset[str] | None = None
     if rm.match is not None:
-        matchers, hosts, methods, ports, captures = _compile_match(rm.match, ("match",))
+        compiled = attempt(_compile_match, rm.match, ("match",))
+        if compiled is not None:
+            matchers, hosts, methods, ports, captures = compiled
     unless: list[UnlessBlock] = []
     blocks = rm.unless if isinstance(rm.unless, list) else [rm.unless] if rm.unless is not None else []
     for k, block in enumerate(blocks):
         sub = ("unless", k) if isinstance(rm.unless, list) else ("unless",)
-        ms, *_ = _compile_match(block, sub)
-        if not ms:
-            raise CompileError("an empty `unless` block would exempt every request", sub)
-        unless.append(UnlessBlock(tuple(ms)))
+        compiled = attempt(_compile_match, block, sub)
+        if compiled is not None and not compiled[0]:
+            problems.append(CompileError("an empty `unless` block would exempt every request", sub))
+        elif compiled is not None:
+            unless.append(UnlessBlock(tuple(compiled[0])))
+    match_ok = not any(e.subpath[:1] == ("match",) for e in problems)
 
     def template(text: str, sub: tuple[str | int, ...]) -> Template:
         try:
@@ -348,30 +364,30 @@ def _compile_rule(
         except CompileError as e:
             raise CompileError(e.message, sub) from None
         missing = tpl.captures - (captures or frozenset())
-        if missing:
+        if missing and match_ok:
             name = sorted(missing)[0]
             raise CompileError(f"{{{name}}} is not captured by this rule's `match.path` (every path pattern "
                                "must capture it)", sub)
         return tpl
 
-    locks = ((template(rm.lock.key, ("lock", "key")), rm.lock.ttl),) if rm.lock else ()
+    lock_tpl = attempt(template, rm.lock.key, ("lock", "key")) if rm.lock else None
+    locks = ((lock_tpl, rm.lock.ttl),) if rm.lock and lock_tpl is not None else ()
     rel = [rm.release] if isinstance(rm.release, str) else rm.release or []
-    releases = tuple(template(r, ("release", k) if isinstance(rm.release, list) else ("release",))
-                     for k, r in enumerate(rel))
+    releases = tuple(t for k, r in enumerate(rel) if (t := attempt(
+        template, r, ("release", k) if isinstance(rm.release, list) else ("release",))) is not None)
     approval = None
     if rm.effect == "hold":
-        from bastion.policy.decision import ApprovalSpec
-        from bastion.policy.schema import ApprovalModel
-
         am = rm.approval or ApprovalModel()
         for j, sel in enumerate(am.approvers):
             sub = ("approval", "approvers", j)
             if sel.startswith("role:"):
                 if sel[5:] not in user_roles:
-                    raise CompileError(f"no user has role {sel[5:]!r}", sub)
+                    problems.append(CompileError(f"no user has role {sel[5:]!r}", sub))
             elif sel != "*" and sel not in users:
-                raise CompileError(f"approver {sel!r} is not a defined user", sub)
+                problems.append(CompileError(f"approver {sel!r} is not a defined user", sub))
         approval = ApprovalSpec((tuple(am.approvers),), am.wait, am.timeout, (rm.id,))
+    if problems:
+        return problems
     return CompiledRule(
         id=rm.id, effect=rm.effect, selectors=tuple(rm.agents), matchers=tuple(matchers),
         unless=tuple(unless), locks=locks, releases=releases, approval=approval, message=rm.message,
