@@ -34,7 +34,7 @@ from bastion.policy.decision import (
     TraceEntry,
 )
 from bastion.policy.facts import EvalError, RequestFacts
-from bastion.policy.matchers import Captures, HostMatcher, Matcher, PathMatcher, SetMatcher, Template
+from bastion.policy.matchers import Captures, Matcher, Template
 from bastion.policy.schema import RuleModel
 
 _DUMMY_SHA = "0" * 64
@@ -415,10 +415,4 @@ def _reasons(rule: CompiledRule, facts: RequestFacts) -> list[str]:
     return reasons
 
 
-def build_set_matcher(kind: str, values: frozenset[Any]) -> SetMatcher:
-    getters = {"method": lambda f: f.method, "scheme": lambda f: f.scheme, "port": lambda f: f.port}
-    return SetMatcher(kind, values, getters[kind])
-
-
-__all__ = ["AgentSpec", "AuditSettings", "CompiledRule", "HostMatcher", "PathMatcher", "Policy", "UnlessBlock",
-           "UserSpec", "build_set_matcher"]
+__all__ = ["AgentSpec", "AuditSettings", "CompiledRule", "Policy", "UnlessBlock", "UserSpec", "selects"]

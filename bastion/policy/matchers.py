@@ -485,6 +485,15 @@ class FieldsMatcher(Matcher):
         return ""
 
 
+_FACT_GETTERS: dict[str, Callable[[RequestFacts], Any]] = {
+    "method": lambda f: f.method, "scheme": lambda f: f.scheme, "port": lambda f: f.port}
+
+
+def build_set_matcher(kind: str, values: frozenset[Any]) -> SetMatcher:
+    """method, scheme or port in `values`."""
+    return SetMatcher(kind, values, _FACT_GETTERS[kind])
+
+
 def compile_fields(kind: str, spec: dict[str, Any]) -> FieldsMatcher:
     if not spec:
         raise CompileError(f"`{kind}` is empty: remove it or name at least one field")
