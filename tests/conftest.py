@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from lockhistory import delete_prefix
 from services import require_redis
+from support.bastion import BastionServer, run_bastion
 from support.certs import CertFiles, make_test_certs
 from support.upstream import Upstream, run_upstream
 
@@ -68,3 +69,12 @@ def prefix(redis_url: str) -> Iterator[str]:
     value = f"bastiontest:{uuid.uuid4().hex}:"
     yield value
     delete_prefix(redis_url, value)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, bastion_home: Path, test_certs: CertFiles,
+           upstream: Upstream) -> Iterator[BastionServer]:
+    """`bastion serve` on rules/testdata/proxy.yaml (allow_private 127.0.0.0/8 and ::1), one per test module."""
+    with run_bastion(tmp_path_factory.mktemp("bastion"), [TESTDATA_RULES / "proxy.yaml"], home=bastion_home,
+                     upstream_ca=test_certs.ca_cert) as srv:
+        yield srv

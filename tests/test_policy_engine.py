@@ -365,6 +365,8 @@ def test_adding_a_matching_deny_always_denies(data: dict[str, Any], req: Any, se
     selected = selector == "*" or agent == "bot"
     if selected:
         assert effect == "deny" and "zz-deny" in rules_
+    else:  # a deny for other agents never touches this one
+        assert "zz-deny" not in rules_
 
 
 @FAST

@@ -8,35 +8,20 @@ import ssl
 import subprocess
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import httpx
 import pytest
 import requests
-from conftest import TESTDATA_RULES
-from support.bastion import BastionServer, clean_env, run_bastion
-from support.certs import CertFiles
+from support.bastion import BastionServer, clean_env
 from support.upstream import Upstream
 
 SUPPORT = ("support-bot", "sb-token:with:colons")
 CREDS = base64.b64encode(b"support-bot:sb-token:with:colons").decode()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, bastion_home: Path, test_certs: CertFiles,
-           upstream: Upstream) -> Iterator[BastionServer]:
-    with run_bastion(tmp_path_factory.mktemp("bastion"), [TESTDATA_RULES / "proxy.yaml"], home=bastion_home,
-                     upstream_ca=test_certs.ca_cert) as srv:
-        yield srv
-
-
 def session(server: BastionServer) -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    s.proxies = {"http": server.proxy_url(*SUPPORT), "https": server.proxy_url(*SUPPORT)}
-    s.verify = str(server.ca_cert)
-    return s
+    return server.session(*SUPPORT)
 
 
 def still_serving(server: BastionServer, upstream: Upstream) -> None:

@@ -10,17 +10,13 @@ import base64
 import json
 import ssl
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import httpx
 import openai
 import pytest
 import requests
-from conftest import TESTDATA_RULES
-from support.bastion import BastionServer, clean_env, run_bastion
-from support.certs import CertFiles
+from support.bastion import BastionServer, clean_env
 from support.upstream import Upstream
 
 SUPPORT = ("support-bot", "sb-token:with:colons")
@@ -29,21 +25,8 @@ SHADOW = ("shadow-bot", "shadow-token")
 BILLING = ("billing-bot", "billing-token")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, bastion_home: Path, test_certs: CertFiles,
-           upstream: Upstream) -> Iterator[BastionServer]:
-    with run_bastion(tmp_path_factory.mktemp("bastion"), [TESTDATA_RULES / "proxy.yaml"], home=bastion_home,
-                     upstream_ca=test_certs.ca_cert) as srv:
-        yield srv
-
-
 def session(server: BastionServer, agent: tuple[str, str] | None = SUPPORT) -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    url = server.proxy_url(*agent) if agent else server.proxy_url()
-    s.proxies = {"http": url, "https": url}
-    s.verify = str(server.ca_cert)
-    return s
+    return server.session(*agent) if agent else server.session()
 
 
 def echoed_headers(resp: requests.Response) -> dict[str, str]:

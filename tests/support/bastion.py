@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+import requests
+
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_LINE = re.compile(r"proxy on http://(?P<proxy>[^,\s]+), admin on http://(?P<admin>[^\s]+)")
 
@@ -63,6 +65,16 @@ class BastionServer:
         if agent is None:
             return f"http://127.0.0.1:{self.proxy_port}"
         return f"http://{quote(agent, safe='')}:{quote(token or '', safe='')}@127.0.0.1:{self.proxy_port}"
+
+    def session(self, agent: str | None = None, token: str | None = None) -> requests.Session:
+        """A requests session that goes through this Bastion as `agent` (none: no credentials) and trusts its
+        CA; the environment's proxy variables are ignored."""
+        s = requests.Session()
+        s.trust_env = False
+        url = self.proxy_url(agent, token)
+        s.proxies = {"http": url, "https": url}
+        s.verify = str(self.ca_cert)
+        return s
 
     def logs(self) -> str:
         return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(errors="replace")
