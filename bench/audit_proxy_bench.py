@@ -1,27 +1,32 @@
 """What the audit log costs the proxy: `bastion serve` with audit capture on vs off, same run, same load.
 
-    .venv/bin/python bench/audit_proxy_bench.py [--seconds 5] [--warmup 1] [--rounds 2] [--conns 1,50]
+    .venv/bin/python bench/audit_proxy_bench.py [--slice 2] [--pairs 6] [--conns 1,50]
 
-Audit on is `bastion serve` exactly as users run it: every exchange captured, redacted, hash-chained, spooled
-and drained to the default SQLite store in --home. Audit off is the same server started without the capture
-stages (`serve(settings, audit=False)`, a parameter only benchmarks use: no flag or variable turns the audit
-off). Both run the same 100-rule policy with agent credentials on every connection.
+Audit on is `bastion serve` exactly as users run it: every exchange captured, sent to the audit worker process,
+redacted, hash-chained, spooled and drained to the default SQLite store in --home. Audit off is the same
+server started without the capture stages (`serve(settings, audit=False)`, a parameter only benchmarks use: no
+flag or variable turns the audit off). Both run the same 100-rule policy with agent credentials on every
+connection, side by side.
 
 The load is an LLM-shaped call: POST /v1/chat/completions with ~1.5 KB of JSON (an Authorization header for
 the redactor to find), answered with ~1.5 KB of JSON, over plain HTTP and intercepted HTTPS, 1 or 50
-keep-alive connections, closed loop. Rounds alternate on and off so drift hits both alike; a cell reports its
-best round. Printed: machine, a Markdown table (req/s, p50, p99, proxy CPU per request incl. the audit
-threads, on/off ratio), the records the audit wrote, and the target (on >= 0.9x off). All traffic stays on
-127.0.0.1. Not part of the test suite.
+keep-alive connections, closed loop. One load process per cell alternates short slices between the two
+servers (off, on, on, off, ...), so the drift a shared machine shows over seconds hits both alike; each pair of
+neighbouring slices gives one on/off ratio, and a cell reports the median ratio, the median req/s of each side,
+latency percentiles over all its slices, and the proxy's CPU per request (its process and the audit worker).
+Printed: machine, a Markdown table, the records the audit wrote, and the target (on >= 0.9x off). All traffic
+stays on 127.0.0.1. Not part of the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,11 +62,69 @@ def role_upstream(cert: str, key: str) -> None:
     pb.role_upstream(cert, key, RESPONSE_BODY)
 
 
-def role_load(url: str, proxy: str, conc: int, seconds: float, warmup: float, cafile: str) -> None:
-    """proxy_bench's closed loop, POSTing REQUEST_BODY with an API key the audit must redact."""
-    pb.role_load(url, proxy, conc, seconds, warmup, cafile, body=REQUEST_BODY,
-                 headers={"Content-Type": "application/json",
-                          "Authorization": "Bearer sk-bench-not-a-real-key-0123456789"})
+def role_paired(url: str, proxies: str, pids: str, conc: int, slice_s: float, pairs: int, cafile: str) -> None:
+    """Closed loop against two proxies in alternating slices; prints one JSON object per slice and target."""
+    import asyncio
+    import ssl
+
+    import aiohttp
+
+    targets: list[str] = json.loads(proxies)
+    servers: list[int] = json.loads(pids)
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench-not-a-real-key-0123456789"}
+
+    async def run(s: aiohttp.ClientSession, proxy: str, seconds: float) -> tuple[list[float], int]:
+        lat: list[float] = []
+        errors = 0
+        t_end = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while (t := time.perf_counter()) < t_end:
+                try:
+                    async with s.post(url, data=REQUEST_BODY, headers=headers, proxy=proxy) as r:
+                        await r.read()
+                        ok = r.status == 200
+                except Exception:
+                    ok = False
+                if ok:
+                    lat.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        return lat, errors
+
+    async def main() -> None:
+        ctx = ssl.create_default_context(cafile=cafile)
+        sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc, ssl=ctx)) for _ in targets]
+        try:
+            for i in range(pairs):
+                for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                    await run(sessions[which], targets[which], 0.3)  # connections up, caches warm
+                    cpu0, own0 = tree_cpu_seconds(servers[which]), time.process_time()
+                    lat, errors = await run(sessions[which], targets[which], slice_s)
+                    cpu, own = tree_cpu_seconds(servers[which]) - cpu0, time.process_time() - own0
+                    print(json.dumps({"pair": i, "target": which, "n": len(lat), "seconds": slice_s,
+                                      "errors": errors, "cpu_s": cpu, "load_cpu_s": own, "lat": lat}), flush=True)
+        finally:
+            for s in sessions:
+                await s.close()
+
+    asyncio.run(main())
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its children (the audit worker), all threads."""
+    total = pb.cpu_seconds(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        with contextlib.suppress(OSError, ValueError):  # it may have exited meanwhile
+            total += tree_cpu_seconds(int(child))
+    return total
 
 
 def role_serve(audit: str, rules: str, home: str, upstream_ca: str) -> None:
@@ -72,41 +135,55 @@ def role_serve(audit: str, rules: str, home: str, upstream_ca: str) -> None:
 
 
 @dataclass
-class Cell:
-    audit: str
-    scheme: str
-    conns: int
-    req_s: float
+class Side:
+    req_s: float  # median over slices
     p50: float
     p99: float
-    cpu_ms: float | None
+    cpu_ms: float | None  # median CPU per request, proxy process and its audit worker
+    load_cpu_ms: float | None  # median CPU per request of the load generator (same machine)
     errors: int
 
 
-def load(url: str, proxy: str, conns: int, seconds: float, warmup: float, cafile: str,
-         pid: int) -> tuple[dict[str, float], float | None]:
-    cpu0 = pb.cpu_seconds(pid)
-    out = subprocess.run([sys.executable, __file__, "_load", url, proxy, str(conns), str(seconds), str(warmup),
-                          cafile], capture_output=True, text=True, check=True, timeout=seconds + warmup + 60)
-    stats = json.loads(out.stdout)
-    cpu_ms = None
-    if stats["n"]:
-        cpu_ms = (pb.cpu_seconds(pid) - cpu0) / (stats["n"] * (seconds + warmup) / seconds) * 1000
-    return stats, cpu_ms
+@dataclass
+class Cell:
+    scheme: str
+    conns: int
+    off: Side
+    on: Side
+    ratio: float  # median over pairs of on/off req/s
 
 
-def metric(admin: str, name: str) -> float:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://{admin}/metrics", timeout=10) as resp:
-        m = re.search(rf"^{name} (\S+)$", resp.read().decode(), re.MULTILINE)
-    return float(m.group(1)) if m else 0.0
+def paired(url: str, proxies: list[str], pids: list[int], conns: int, slice_s: float, pairs: int,
+           cafile: str) -> tuple[Side, Side, float]:
+    """(off, on, median on/off ratio) for one cell, from one alternating load process."""
+    out = subprocess.run([sys.executable, __file__, "_paired", url, json.dumps(proxies), json.dumps(pids), str(conns),
+                          str(slice_s), str(pairs), cafile], capture_output=True, text=True, check=True,
+                         timeout=pairs * 2 * (slice_s + 1) + 60)
+    slices = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    sides = []
+    for which in (0, 1):
+        mine = [s for s in slices if s["target"] == which]
+        lat = sorted(x for s in mine for x in s["lat"])
+
+        def q(p: float, lat: list[float] = lat) -> float:
+            return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
+
+        cpu = [s["cpu_s"] / s["n"] * 1000 for s in mine if s["n"]]
+        load_cpu = [s["load_cpu_s"] / s["n"] * 1000 for s in mine if s["n"]]
+        sides.append(Side(statistics.median(s["n"] / s["seconds"] for s in mine), q(0.5), q(0.99),
+                          statistics.median(cpu) if cpu else None, statistics.median(load_cpu) if load_cpu else None,
+                          sum(s["errors"] for s in mine)))
+    by_pair: dict[int, dict[int, float]] = {}
+    for s in slices:
+        by_pair.setdefault(s["pair"], {})[s["target"]] = s["n"] / s["seconds"]
+    ratios = [p[1] / p[0] for p in by_pair.values() if p.get(0) and 1 in p]
+    return sides[0], sides[1], statistics.median(ratios) if ratios else 0.0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--warmup", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--slice", type=float, default=2.0, help="seconds per measured slice (default 2)")
+    ap.add_argument("--pairs", type=int, default=6, help="off/on slice pairs per cell (default 6)")
     ap.add_argument("--conns", default="1,50")
     args = ap.parse_args()
     conns_list = [int(c) for c in args.conns.split(",")]
@@ -145,25 +222,18 @@ def main() -> None:
                            + (tmp / "home-on" / "mitmproxy-ca-cert.pem").read_bytes())
 
         print(f"Machine: {pb.machine()}")
-        print(f"Each cell: {args.warmup:g} s warm-up + {args.seconds:g} s measured, best of {args.rounds} "
-              f"alternating rounds; request {len(REQUEST_BODY)} B, response {len(RESPONSE_BODY)} B of JSON.\n")
-        best: dict[tuple[str, str, int], Cell] = {}
-        for rnd in range(args.rounds):
-            for scheme in ("http", "https"):
-                for conns in conns_list:
-                    order = ("off", "on") if rnd % 2 == 0 else ("on", "off")
-                    for audit in order:
-                        proxy, _, pid = servers[audit]
-                        stats, cpu = load(urls[scheme], proxy, conns, args.seconds, args.warmup, str(cafile), pid)
-                        cell = Cell(audit, scheme, conns, stats["req_s"], stats["p50_ms"], stats["p99_ms"], cpu,
-                                    int(stats["errors"]))
-                        print(f"  round {rnd + 1} audit {audit:3s} {scheme:5s} c={conns:<2d} {cell.req_s:7.0f} req/s "
-                              f"p50 {cell.p50:6.2f} ms p99 {cell.p99:6.2f} ms errors {cell.errors}",
-                              file=sys.stderr, flush=True)
-                        key = (audit, scheme, conns)
-                        if key not in best or cell.req_s > best[key].req_s:
-                            best[key] = cell
-        print(table(best, conns_list))
+        print(f"Each cell: {args.pairs} pairs of {args.slice:g} s slices, alternating off/on; request "
+              f"{len(REQUEST_BODY)} B, response {len(RESPONSE_BODY)} B of JSON.\n")
+        cells: list[Cell] = []
+        for scheme in ("http", "https"):
+            for conns in conns_list:
+                off, on, ratio = paired(urls[scheme], [servers["off"][0], servers["on"][0]],
+                                        [servers["off"][2], servers["on"][2]], conns, args.slice, args.pairs,
+                                        str(cafile))
+                cells.append(Cell(scheme, conns, off, on, ratio))
+                print(f"  {scheme:5s} c={conns:<2d} off {off.req_s:6.0f} req/s  on {on.req_s:6.0f} req/s  "
+                      f"median ratio {ratio:.2f}x", file=sys.stderr, flush=True)
+        print(table(cells))
         admin_on = servers["on"][1]
         deadline = time.monotonic() + 30
         while metric(admin_on, "bastion_audit_backlog") > 0 and time.monotonic() < deadline:
@@ -171,42 +241,50 @@ def main() -> None:
         print(f"\nAudit on: {metric(admin_on, 'bastion_audit_records_total'):.0f} records written, backlog "
               f"{metric(admin_on, 'bastion_audit_backlog'):.0f}, dropped "
               f"{metric(admin_on, 'bastion_audit_dropped_total')}.")
-        print(verdict(best, conns_list))
+        print(verdict(cells))
     finally:
         for p in procs:
             pb.stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def table(best: dict[tuple[str, str, int], Cell], conns_list: list[int]) -> str:
-    rows = ["| scheme | conns | audit | req/s | p50 ms | p99 ms | proxy CPU ms/req | req/s on/off | errors |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for scheme in ("http", "https"):
-        for conns in conns_list:
-            off = best[("off", scheme, conns)]
-            for cell in (off, best[("on", scheme, conns)]):
-                cpu = f"{cell.cpu_ms:.2f}" if cell.cpu_ms is not None else "-"
-                ratio = f"{cell.req_s / off.req_s:.2f}x" if cell.audit == "on" and off.req_s else ""
-                rows.append(f"| {scheme} | {conns} | {cell.audit} | {cell.req_s:.0f} | {cell.p50:.2f} | "
-                            f"{cell.p99:.2f} | {cpu} | {ratio} | {cell.errors} |")
+def metric(admin: str, name: str) -> float:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{admin}/metrics", timeout=10) as resp:
+        m = re.search(rf"^{name} (\S+)$", resp.read().decode(), re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
+def table(cells: list[Cell]) -> str:
+    rows = ["| scheme | conns | audit | req/s | p50 ms | p99 ms | proxy CPU ms/req | load CPU ms/req | req/s on/off "
+            "| errors |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ms(value: float | None) -> str:
+        return f"{value:.2f}" if value is not None else "-"
+
+    for cell in cells:
+        for name, side in (("off", cell.off), ("on", cell.on)):
+            ratio = f"{cell.ratio:.2f}x" if name == "on" else ""
+            rows.append(f"| {cell.scheme} | {cell.conns} | {name} | {side.req_s:.0f} | {side.p50:.2f} | "
+                        f"{side.p99:.2f} | {ms(side.cpu_ms)} | {ms(side.load_cpu_ms)} | {ratio} | {side.errors} |")
     return "\n".join(rows)
 
 
-def verdict(best: dict[tuple[str, str, int], Cell], conns_list: list[int]) -> str:
-    lines = ["", "Target: audit on >= 0.90x audit off (req/s):"]
-    for scheme in ("http", "https"):
-        for conns in conns_list:
-            on, off = best[("on", scheme, conns)], best[("off", scheme, conns)]
-            ratio = on.req_s / off.req_s if off.req_s else 0.0
-            lines.append(f"- {scheme}, {conns} connection(s): {ratio:.2f}x: {'met' if ratio >= 0.9 else 'MISSED'}")
+def verdict(cells: list[Cell]) -> str:
+    lines = ["", "Target: audit on >= 0.90x audit off (req/s, median of the pair ratios):"]
+    for cell in cells:
+        lines.append(f"- {cell.scheme}, {cell.conns} connection(s): {cell.ratio:.2f}x: "
+                     f"{'met' if cell.ratio >= 0.9 else 'MISSED'}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
         role_upstream(sys.argv[2], sys.argv[3])
-    elif len(sys.argv) > 1 and sys.argv[1] == "_load":
-        role_load(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), sys.argv[7])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_paired":
+        role_paired(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7]),
+                    sys.argv[8])
     elif len(sys.argv) > 1 and sys.argv[1] == "_serve":
         role_serve(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
     else:

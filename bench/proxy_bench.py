@@ -114,7 +114,8 @@ def role_serve(audit: str, rules: str, home: str, upstream_ca: str) -> None:
     """`bastion serve` with the audit capture on or off (off exists for benchmarks only: no flag exposes it)."""
     import argparse as ap
 
-    from bastion.proxy.server import configure_logging, serve
+    from bastion.logs import configure_logging
+    from bastion.proxy.server import serve
     from bastion.proxy.settings import serve_settings
 
     settings = serve_settings(ap.Namespace(rules=[rules], listen="127.0.0.1:0", admin="127.0.0.1:0", home=home,

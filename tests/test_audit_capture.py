@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from mitmproxy import connection, flow, http
 
+from bastion.audit import snapshot
 from bastion.audit.record import AuditRecord
 from bastion.audit.settings import AuditConfig
 from bastion.audit.sinks import RecordQuery
 from bastion.audit.writer import AuditWriter
 from bastion.metrics import REGISTRY
-from bastion.proxy import flowmeta, flowrecord
+from bastion.proxy import flowmeta
 from bastion.proxy.capture import Capture
 
 
@@ -153,18 +154,19 @@ async def test_a_refused_connect_is_an_exchange_an_open_tunnel_is_not(writer: Au
 
 def test_request_url_and_facts_from_the_other_stages() -> None:
     f = agent_flow("http://[::1]:8080/a?b=1")
-    assert flowrecord.request_url(f.request, "/orig/../a?b=1") == "http://[::1]:8080/orig/../a?b=1"
-    assert flowrecord.request_url(agent_flow("https://h.example:443/x").request, "/x") == "https://h.example/x"
+    assert snapshot.request_url("POST", "http", "::1", 8080, "/orig/../a?b=1") == "http://[::1]:8080/orig/../a?b=1"
+    assert snapshot.request_url("GET", "https", "h.example", 443, "/x") == "https://h.example/x"
+    assert snapshot.request_url("CONNECT", "http", "h.example", 443, "h.example:443") == "//h.example:443"
     f.metadata[flowmeta.LOCK_EVENTS] = [
         {"event": "acquired", "key": "ticket:1", "rule": "r", "fence": 7, "expires_at": "2026-11-24T10:00:00.000Z"},
         {"event": "conflict", "key": "ticket:2", "rule": "r", "holder": "other", "expires_at": None}]
-    locks = flowrecord.lock_facts(f.metadata)
+    locks = snapshot.lock_facts(f.metadata[flowmeta.LOCK_EVENTS])
     assert [(lk.key, lk.action, lk.fence, lk.holder) for lk in locks] == [
         ("ticket:1", "acquired", 7, None), ("ticket:2", "conflict", None, "other")]
     assert locks[0].expires_us == 1795514400000000
     f.metadata[flowmeta.APPROVAL] = {"id": "ap-1", "state": "approved", "decided_by": "alice", "note": "ok",
                                      "waited_s": 2.5}
-    approval = flowrecord.approval_fact(f.metadata)
+    approval = snapshot.approval_fact(f.metadata[flowmeta.APPROVAL])
     assert approval is not None and (approval.id, approval.state, approval.decided_by, approval.waited_us) == (
         "ap-1", "approved", "alice", 2_500_000)
 

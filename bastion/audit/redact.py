@@ -123,11 +123,24 @@ def _keyword_regex(words: Iterable[str]) -> str:
     return emit(trie)
 
 
+def _anchor(keyword: str) -> str:
+    """The part of `keyword` the pre-check searches: from its first character that is rare in ordinary text
+    (keeping at least two characters). A position in the text is only tried further when its character could
+    start an anchor, so anchors starting with "k", "y" or "." instead of "s", "e" or "h" (as in "sk-", "eyJ",
+    "hooks.slack.com") make the search about twice as fast. Sound: a keyword in the text contains its anchor."""
+    for i, ch in enumerate(keyword[:-1]):
+        if ch not in _COMMON_CHARS:
+            return keyword[i:]
+    return keyword
+
+
+_COMMON_CHARS = frozenset("etaoinshrdlucm ")
 # One search for every keyword first: most strings (and most bodies) contain none, and then no pattern runs.
 # "earer" (either case of "Bearer") is searched as its two spellings, so no alternative starts with "e".
 _KEYWORD_LIST = tuple(sorted({k for p in BUILTIN_PATTERNS for k in p.keywords if k != "earer"} | {"Bearer", "bearer"}))
-_KEYWORDS = re.compile(_keyword_regex(_KEYWORD_LIST))
-_KEYWORDS_BYTES = re.compile(_keyword_regex(_KEYWORD_LIST).encode("ascii"))
+_ANCHORS = tuple(sorted({_anchor(k) for k in _KEYWORD_LIST}))
+_KEYWORDS = re.compile(_keyword_regex(_ANCHORS))
+_KEYWORDS_BYTES = re.compile(_keyword_regex(_ANCHORS).encode("ascii"))
 _MIN_SECRET = 15  # no built-in pattern matches fewer characters
 _MEMO_SIZE = 4096  # names whose secret-or-not verdict a Redactor remembers
 

@@ -46,17 +46,19 @@ from bastion.audit.record import AuditRecord
 from bastion.audit.redact import Redactor
 from bastion.audit.settings import AuditConfig
 from bastion.audit.sinks import AuditStore, open_store
+from bastion.audit.snapshot import ExchangeSnapshot, to_record
 from bastion.audit.spool import DEFAULT_SEGMENT_BYTES, Position, Spool, SpoolState
 
 log = logging.getLogger("bastion.audit")
 
 _RECORD_OVERHEAD = 2048  # rough in-memory size of a record without bodies, for the pending-bytes bound
 _RECENT_BYTES = 32 << 20  # spooled entries kept in memory for the drain, so it rarely re-reads the spool
+_SPOOL_FINISH = 10.0  # seconds `close` waits at least for the spool thread to write what it was given
 
 
 @dataclass(slots=True)
 class _Job:
-    record: AuditRecord
+    record: AuditRecord | ExchangeSnapshot  # a snapshot becomes its record on the spool thread
     request_body: CapturedBody | None
     response_body: CapturedBody | None
     nbytes: int
@@ -163,6 +165,10 @@ class AuditWriter:
         return self._store
 
     @property
+    def spool_directory(self) -> Path:
+        return self._spool.directory
+
+    @property
     def backlog(self) -> int:
         """Records accepted (or left from before a restart) that are not in the sink yet."""
         with self._lock:
@@ -171,7 +177,7 @@ class AuditWriter:
     @property
     def available(self) -> bool:
         """Whether `submit` would take a record now."""
-        return self._refusal() is None
+        return self.refusal() is None
 
     def must_refuse(self) -> bool:
         """Call before forwarding a request: True when records cannot be taken and `on_failure` is deny."""
@@ -193,10 +199,18 @@ class AuditWriter:
         The record then belongs to the writer (it is redacted in place on another thread): do not touch it
         again. Returns False (and counts the drop) when the record cannot be taken; see the module docstring.
         """
-        reason = self._refusal()
+        body_bytes = (len(request_body.raw) if request_body else 0) + (len(response_body.raw) if response_body else 0)
+        return self._enqueue(record, request_body, response_body, body_bytes)
+
+    def submit_exchange(self, snapshot: ExchangeSnapshot) -> bool:
+        """Like `submit`, for an exchange as the proxy snapshot it: the record is built on the spool thread."""
+        return self._enqueue(snapshot, None, None, snapshot.body_bytes)
+
+    def _enqueue(self, item: AuditRecord | ExchangeSnapshot, request_body: CapturedBody | None,
+                 response_body: CapturedBody | None, body_bytes: int) -> bool:
+        reason = self.refusal()
+        nbytes = _RECORD_OVERHEAD + body_bytes
         if reason is None:
-            nbytes = _RECORD_OVERHEAD + (len(request_body.raw) if request_body else 0) + (
-                len(response_body.raw) if response_body else 0)
             with self._lock:
                 if self._pending_bytes + nbytes > self._max_pending_bytes:
                     reason = "overloaded"
@@ -204,10 +218,10 @@ class AuditWriter:
                     self._pending_bytes += nbytes
                     self._backlog += 1
         if reason is not None:
-            self._dropped(reason, record.id)
+            self._dropped(reason, item.id)
             return False
         metrics.AUDIT_BACKLOG.inc()
-        self._queue.put(_Job(record, request_body, response_body, nbytes, self._settings))
+        self._queue.put(_Job(item, request_body, response_body, nbytes, self._settings))
         return True
 
     async def flush(self) -> bool:
@@ -237,7 +251,8 @@ class AuditWriter:
             async with asyncio.timeout(drain_for):
                 drained = await self.flush()
         self._queue.put(_STOP)
-        await asyncio.to_thread(self._thread.join, max(0.1, deadline - self._loop.time()))
+        # Spooling what was taken is local disk work and must finish even when the sink got no time at all.
+        await asyncio.to_thread(self._thread.join, max(_SPOOL_FINISH, deadline - self._loop.time()))
         if self._drain_task is not None:
             self._drain_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -263,7 +278,8 @@ class AuditWriter:
         return Redactor(headers=config.redact_headers, json_keys=config.redact_json_keys,
                         patterns=config.redact_patterns, key=self._key)
 
-    def _refusal(self) -> str | None:
+    def refusal(self) -> str | None:
+        """Why `submit` would not take a record now (the `bastion_audit_dropped_total` reason), or None."""
         if self._closing:
             return "closed"
         if not self._spool_ok or not self._thread.is_alive():
@@ -342,13 +358,20 @@ class AuditWriter:
                 flushes = []
             if stop:
                 for p in retry:
-                    self._lost(p, "spool_error")
+                    self._lost(p.nbytes, "spool_error")
                 for fl in flushes:
                     self._call_soon(_set, fl.future, False)
                 return
 
     def _prepare(self, job: _Job) -> _Prepared | None:
         config, redactor = job.settings
+        if isinstance(job.record, ExchangeSnapshot):
+            try:
+                job.record, job.request_body, job.response_body = to_record(job.record, config.max_body_bytes)
+            except Exception:
+                log.exception("audit record %s: cannot be built from the exchange; dropped", job.record.id)
+                self._lost(job.nbytes, "invalid")
+                return None
         try:
             req, resp = finalize(job.record, job.request_body, job.response_body, redactor=redactor,
                                  max_body_bytes=config.max_body_bytes)
@@ -359,7 +382,7 @@ class AuditWriter:
                 job.record.extra = {**job.record.extra, "audit_error": "bodies could not be processed"}
             except Exception:
                 log.exception("audit record %s: cannot be prepared; dropped", job.record.id)
-                self._lost(_Prepared(job.record, None, None, job.nbytes), "invalid")
+                self._lost(job.nbytes, "invalid")
                 return None
         return _Prepared(job.record, req, resp, job.nbytes)
 
@@ -407,7 +430,7 @@ class AuditWriter:
                 data, head = self._chain.link(p.record)
             except (TypeError, ValueError):
                 log.exception("audit record %s: cannot be encoded; dropped", p.record.id)
-                self._lost(p, "invalid")
+                self._lost(p.nbytes, "invalid")
                 return None
         self._chain.advance(head)
         return Entry(head.writer, head.seq, head.hash, data, p.request_blob, p.response_blob, p.record)
@@ -422,9 +445,9 @@ class AuditWriter:
         self._call_soon(self._wake.set)
         return True
 
-    def _lost(self, p: _Prepared, reason: str) -> None:
+    def _lost(self, nbytes: int, reason: str) -> None:
         with self._lock:
-            self._pending_bytes -= p.nbytes
+            self._pending_bytes -= nbytes
             self._backlog -= 1
         metrics.AUDIT_BACKLOG.dec()
         metrics.AUDIT_DROPPED.labels(reason=reason).inc()

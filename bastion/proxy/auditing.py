@@ -1,53 +1,38 @@
 """The audit log's life inside `bastion serve`: one object the server starts, wires and closes.
 
-- `start(state)`: opens the audit writer on a spool under `--home` (records reach the spool before the sink,
-  so nothing is lost while the sink is down or the process is killed) with the policy's `audit:` settings,
-  and follows policy reloads (`AuditWriter.configure`).
-- `capture`: the proxy stages (`bastion.proxy.capture`); `reader`: a separate store connection for the admin
-  API's flow routes, so reads never queue behind the writer's batches; `ready`: the `/readyz` check;
-  `retention()`: the retention task.
+- `spawn()`: starts the audit worker process early (`bastion.audit.worker`; it imports while the proxy loads
+  its policy and CA). `start(state)`: opens the writer there, on a spool under `--home`, with the policy's
+  `audit:` settings (records reach the spool before the sink, so nothing is lost while the sink is down or
+  the process is killed), and follows policy reloads.
+- `capture`: the proxy stages (`bastion.proxy.capture`), which send each exchange to the worker through
+  `bastion.audit.client.AuditClient`; `reader`: a separate store connection for the admin API's flow routes;
+  `ready`: the `/readyz` check. Retention runs in the worker, which owns the sink.
 - `close()`: after the proxy stopped and in-flight calls finished, gives the sink a bounded time to take
   the rest; whatever is left stays in the spool and drains at the next start.
 
-Spool slots: one spool belongs to one process (it is locked). Several sidecars sharing a `--home` on one
-host (one per agent, say) each take the first free slot: `<home>/spool`, then `<home>/spool.1`, ... A
-restarted process takes the lowest free slot, which is its old one when it was the only one that stopped,
-and drains what it left there.
+Several sidecars sharing a `--home` on one host (one per agent, say) each get their own spool slot; see
+`bastion.audit.worker`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
-from bastion.audit.retention import run_retention
+from bastion.audit.client import AuditClient, AuditStartError
 from bastion.audit.settings import AuditConfig
 from bastion.audit.sinks import AuditStore, StoreError, open_store
-from bastion.audit.spool import SpoolLockedError
-from bastion.audit.writer import AuditWriter
 from bastion.config import DataSettings
 from bastion.proxy.capture import Capture
 from bastion.proxy.state import PolicyState
 
+__all__ = ["AuditService", "AuditStartError"]
+
 log = logging.getLogger("bastion.audit")
 
-SPOOL_SLOTS = 16
 DRAIN_ON_SHUTDOWN = 10.0
 """Seconds the sink gets at shutdown to take the records still in the spool."""
-
-
-class AuditStartError(Exception):
-    """The audit log cannot start; `code` is the exit status `bastion serve` should use."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def spool_slot(home: Path, index: int) -> Path:
-    return home / "spool" if index == 0 else home / f"spool.{index}"
 
 
 def audit_config(policy: Any) -> AuditConfig:
@@ -55,20 +40,20 @@ def audit_config(policy: Any) -> AuditConfig:
 
 
 class AuditService:
-    """Create with the data settings; nothing is opened before `start`."""
+    """Create with the data settings; `spawn` and `start` open it."""
 
     def __init__(self, data: DataSettings, *, pinned: str | None = None) -> None:
         self._data = data
         self._pinned = pinned
-        self._writer: AuditWriter | None = None
+        self._client: AuditClient | None = None
         self._capture: Capture | None = None
         self._reader: AuditStore | None = None
 
     @property
-    def writer(self) -> AuditWriter:
-        if self._writer is None:
+    def client(self) -> AuditClient:
+        if self._client is None:
             raise RuntimeError("the audit service is not started")
-        return self._writer
+        return self._client
 
     @property
     def capture(self) -> Capture:
@@ -80,70 +65,60 @@ class AuditService:
     def reader(self) -> AuditStore | None:
         return self._reader
 
+    async def spawn(self) -> None:
+        """Check the audit URL and start the worker process. Raises AuditStartError."""
+        try:
+            self._reader = open_store(self._data.audit)
+        except StoreError as e:
+            raise AuditStartError(f"--audit: {e}", 2) from None
+        home = self._data.home
+        try:
+            await asyncio.to_thread(home.ensure)
+        except OSError as e:
+            raise AuditStartError(f"cannot open the audit spool in {home.path}: {e.strerror or e}", 1) from None
+        self._client = await AuditClient.spawn(self._data.audit, home.path, self._reader.display_url)
+
     async def start(self, state: PolicyState) -> None:
         """Open the writer with the active policy's settings. Raises AuditStartError."""
-        home = self._data.home
         try:
             config = audit_config(state.policy)
         except ValueError as e:
             raise AuditStartError(f"the policy's audit settings are invalid: {e}", 3) from None
-        try:
-            await asyncio.to_thread(home.ensure)
-            self._writer = await self._open_slot(home.path, config)
-            self._reader = open_store(self._data.audit)
-        except StoreError as e:
-            raise AuditStartError(f"--audit: {e}", 2) from None
-        except OSError as e:
-            raise AuditStartError(f"cannot open the audit spool in {home.path}: {e.strerror or e}", 1) from None
-        self._capture = Capture(self._writer, pinned=self._pinned)
+        if self._client is None:
+            await self.spawn()
+        await self.client.start(config)
+        self._capture = Capture(self.client, pinned=self._pinned)
         state.on_swap(self._reconfigure)
-
-    async def _open_slot(self, home: Path, config: AuditConfig) -> AuditWriter:
-        for index in range(SPOOL_SLOTS):
-            spool = spool_slot(home, index)
-            try:
-                writer = await AuditWriter.open(self._data.audit, spool, config=config)
-            except SpoolLockedError:
-                continue
-            if index:
-                log.info("audit spool %s is used by another Bastion process; this one uses %s",
-                         spool_slot(home, 0), spool)
-            return writer
-        raise AuditStartError(f"every audit spool slot in {home} ({SPOOL_SLOTS}) is used by another Bastion "
-                              "process; give this one its own --home", 1)
 
     def _reconfigure(self, policy: Any) -> None:
         try:
-            self.writer.configure(audit_config(policy))
+            self.client.configure(audit_config(policy))
         except ValueError as e:  # the policy loader validates these; never take the proxy down over them
             log.error("audit settings of the new policy not applied: %s", e)
 
     async def ready(self) -> tuple[bool, str]:
         """`/readyz`: not ready while calls are refused because records cannot be taken."""
-        writer = self.writer
-        if writer.available:
-            return True, f"{writer.backlog} record(s) waiting for {writer.store.display_url}"
-        if writer.config.on_failure == "allow":
-            return True, "records cannot be spooled; calls pass unaudited (audit.on_failure: allow)"
-        return False, "records cannot be spooled; calls are refused with 503 audit_unavailable"
-
-    def retention(self) -> asyncio.Task[None]:
-        writer = self.writer
-        return asyncio.create_task(run_retention(writer.store, lambda: writer.config), name="audit-retention")
+        client = self.client
+        reason = client.refusal()
+        if reason is None:
+            return True, f"{client.backlog} record(s) waiting for {client.display_url}"
+        why = "the audit worker is not running" if reason == "writer_down" else f"records cannot be spooled ({reason})"
+        if client.config.on_failure == "allow":
+            return True, f"{why}; calls pass unaudited (audit.on_failure: allow)"
+        return False, f"{why}; calls are refused with 503 audit_unavailable"
 
     async def close(self, drain_for: float = DRAIN_ON_SHUTDOWN) -> None:
-        """Drain and release the spool. Safe to call when `start` never ran or failed."""
+        """Drain and stop the worker. Safe to call when `spawn`/`start` never ran or failed."""
         reader, self._reader = self._reader, None
         if reader is not None:
             try:
                 await reader.close()
             except Exception as e:  # a broken connection must not stop the shutdown
                 log.warning("audit reader %s: error while closing: %s", reader.display_url, e)
-        writer, self._writer = self._writer, None
-        if writer is None:
+        client, self._client = self._client, None
+        if client is None:
             return
-        waiting = writer.backlog
-        if not await writer.close(drain_for=drain_for):
+        waiting = client.backlog
+        if not await client.close(drain_for=drain_for):
             log.warning("audit: not every record reached %s within %gs (%d were waiting at shutdown); the rest "
-                        "stay in the spool and drain at the next start", writer.store.display_url, drain_for,
-                        waiting)
+                        "stay in the spool and drain at the next start", client.display_url, drain_for, waiting)

@@ -23,9 +23,12 @@ Two pipeline stages (see `server.build_proxy`):
 Bodies: the request is already buffered by mitmproxy (the rules may read it). A response the gate decided to
 stream (`stream = True`: event streams, unknown or large length) gets a `StreamTap` instead, which passes
 every chunk on at once and feeds a bounded `BodyCapture`; any other response is captured whole. Bodies keep
-their Content-Encoding here; the writer decodes them for storage under its size cap (gzip bombs stay cut).
-Everything on the event loop is O(size of what is kept): bodies larger than `LARGE_BODY` are digested on a
-worker thread.
+their Content-Encoding here; the audit decodes them for storage under its size cap (gzip bombs stay cut).
+
+What the stages hand over is an `ExchangeSnapshot` (`flowrecord.snapshot`): references and small values,
+built in a few microseconds. Digesting bodies, building the record, redaction and the hash chain happen in the
+audit worker process (`bastion.audit.client`), so they never hold the proxy's event loop or its GIL. Bodies
+larger than `LARGE_BODY` are digested and cut on a worker thread first, so only what is stored travels.
 """
 
 from __future__ import annotations
@@ -35,17 +38,18 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable
+from typing import Protocol
 
 from mitmproxy import connection, http
 from mitmproxy import flow as mflow
 
 from bastion import metrics
-from bastion.audit.bodies import CapturedBody, capture_bytes
-from bastion.audit.record import AuditRecord, ErrorFacts, Outcome, Response
-from bastion.audit.writer import AuditWriter
+from bastion.audit.bodies import BodyCapture, CapturedBody
+from bastion.audit.settings import AuditConfig
+from bastion.audit.snapshot import Body, ExchangeSnapshot, ResponseFacts, captured, header_value
 from bastion.ids import now_us
 from bastion.proxy import flowmeta, flowrecord, responses
-from bastion.proxy.exchange import Exchange, HeaderFields, StreamTap
+from bastion.proxy.exchange import Exchange, StreamTap
 
 log = logging.getLogger("bastion.audit")
 
@@ -59,8 +63,19 @@ RETRY_AFTER = 5
 
 _CLIENT_GONE = ("Client disconnected", "stream reset by client")
 
-# (request header fields, request body, response header fields, response body or its capture)
-_Bodies = tuple[HeaderFields, bytes, HeaderFields, CapturedBody | bytes | None]
+
+class AuditSink(Protocol):
+    """Where the capture sends exchanges: the audit worker's client in `bastion serve`
+    (`bastion.audit.client.AuditClient`), or an in-process `AuditWriter`."""
+
+    @property
+    def config(self) -> AuditConfig: ...
+
+    def must_refuse(self) -> bool: ...
+
+    def capture(self, *, content_encoding: str = "", content_type: str = "") -> BodyCapture: ...
+
+    def submit_exchange(self, snapshot: ExchangeSnapshot) -> bool: ...
 
 
 def refuse_unaudited(flow: http.HTTPFlow) -> None:
@@ -73,7 +88,7 @@ def refuse_unaudited(flow: http.HTTPFlow) -> None:
 class Intake:
     """Pipeline stage before identity; see the module docstring."""
 
-    def __init__(self, writer: AuditWriter) -> None:
+    def __init__(self, writer: AuditSink) -> None:
         self._writer = writer
         # Credentials of each CONNECT, to name who a request inside the tunnel claimed to be when a reload
         # revoked them. Weak keys: nothing outlives the client connection.
@@ -97,7 +112,7 @@ class Intake:
 class Capture:
     """Pipeline stage after the gate; see the module docstring. `intake` is its partner stage."""
 
-    def __init__(self, writer: AuditWriter, *, pinned: str | None = None) -> None:
+    def __init__(self, writer: AuditSink, *, pinned: str | None = None) -> None:
         self.writer = writer
         self.pinned = pinned
         self.intake = Intake(writer)
@@ -108,7 +123,7 @@ class Capture:
         resp = flow.response
         if resp is None or 200 <= resp.status_code < 300:
             return None  # a tunnel: the requests inside it are the exchanges
-        return self._record(flow, None, "refused", flowrecord.response_of(resp, source="bastion"),
+        return self._record(flow, None, "refused", flowrecord.response_facts(resp, source="bastion"),
                             self._refusal(flow, resp), resp.raw_content)
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -129,8 +144,8 @@ class Capture:
             return
         fields = resp.headers.fields
         tap = StreamTap(self.writer.capture(
-            content_encoding=flowrecord.header_value(fields, b"content-encoding") or "",
-            content_type=flowrecord.header_value(fields, b"content-type") or ""))
+            content_encoding=header_value(fields, b"content-encoding") or "",
+            content_type=header_value(fields, b"content-type") or ""))
         exchange.tap = tap
         resp.stream = tap
 
@@ -140,38 +155,37 @@ class Capture:
         if exchange is None or resp is None:
             return None
         if flowmeta.REFUSAL in flow.metadata:
-            return self._record(flow, exchange, "refused", flowrecord.response_of(resp, source="bastion"),
+            return self._record(flow, exchange, "refused", flowrecord.response_facts(resp, source="bastion"),
                                 self._refusal(flow, resp), resp.raw_content)
         if exchange.tap is not None:
-            body: CapturedBody | bytes | None = exchange.tap.finish(complete=True)
-            record = flowrecord.response_of(resp, source="upstream", streamed=True)
+            body: Body = exchange.tap.finish(complete=True)
+            facts = flowrecord.response_facts(resp, source="upstream", streamed=True)
         else:
             body = resp.raw_content
-            record = flowrecord.response_of(resp, source="upstream")
-        return self._record(flow, exchange, "forwarded", record, None, body)
+            facts = flowrecord.response_facts(resp, source="upstream")
+        return self._record(flow, exchange, "forwarded", facts, None, body)
 
     def error(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         exchange = self._exchange(flow)
         if exchange is None:
             return None
         message = flow.error.msg if flow.error is not None else "unknown error"
-        outcome: Outcome
         if message.startswith(_CLIENT_GONE) or not flow.client_conn.state & connection.ConnectionState.CAN_WRITE:
-            outcome, facts = "client_gone", ErrorFacts("client_gone", message)
+            outcome, facts = "client_gone", ("client_gone", message)
         elif message == mflow.Error.KILLED_MESSAGE:
-            outcome, facts = "refused", ErrorFacts("killed", message)
+            outcome, facts = "refused", ("killed", message)
         elif exchange.decided is None:  # mitmproxy refused the request before Bastion's stages saw it
-            outcome, facts = "refused", ErrorFacts(responses.BAD_REQUEST, message)
+            outcome, facts = "refused", (responses.BAD_REQUEST, message)
         else:
-            outcome, facts = "upstream_error", ErrorFacts("upstream_error", message)
-        response: Response | None = None
+            outcome, facts = "upstream_error", ("upstream_error", message)
+        response: ResponseFacts | None = None
         body: CapturedBody | None = None
         resp = flow.response
         if exchange.tap is not None and resp is not None:  # headers and part of the body reached the agent
-            response = flowrecord.response_of(resp, source="upstream", streamed=True)
+            response = flowrecord.response_facts(resp, source="upstream", streamed=True)
             body = exchange.tap.finish(complete=False)
         elif outcome == "upstream_error":  # mitmproxy answers 502 when nothing was sent to the agent yet
-            response = Response(502, "Bad Gateway", flow.request.http_version, source="bastion")
+            response = ResponseFacts(502, "Bad Gateway", flow.request.http_version, (), "bastion")
         return self._record(flow, exchange, outcome, response, facts, body)
 
     # -- records --------------------------------------------------------------------------------------------
@@ -189,48 +203,40 @@ class Capture:
         return exchange
 
     @staticmethod
-    def _refusal(flow: http.HTTPFlow, resp: http.Response) -> ErrorFacts:
+    def _refusal(flow: http.HTTPFlow, resp: http.Response) -> tuple[str, str]:
         error_type = flow.metadata.get(flowmeta.REFUSAL) or f"http_{resp.status_code}"
-        return ErrorFacts(error_type, flowrecord.refusal_message(resp))
+        return error_type, flowrecord.refusal_message(resp)
 
-    def _record(self, flow: http.HTTPFlow, exchange: Exchange | None, outcome: Outcome, response: Response | None,
-                error: ErrorFacts | None, response_body: CapturedBody | bytes | None) -> Awaitable[None] | None:
-        """Build and submit the record. Returns an awaitable only when a large body must be digested first."""
+    def _record(self, flow: http.HTTPFlow, exchange: Exchange | None, outcome: str, response: ResponseFacts | None,
+                error: tuple[str, str] | None, response_body: Body) -> Awaitable[None] | None:
+        """Snapshot the exchange and submit it. Returns an awaitable only when a large body is digested first."""
         try:
-            record = flowrecord.build(flow, exchange, outcome=outcome, response=response, error=error,
-                                      pinned=self.pinned, ended_us=now_us())
-            req = flow.request
-            request_fields = exchange.fields if exchange is not None else req.headers.fields
-            response_fields = flow.response.headers.fields if flow.response is not None else ()
-            bodies: _Bodies = (request_fields, req.raw_content or b"", response_fields, response_body)
-            if len(bodies[1]) > LARGE_BODY or (isinstance(response_body, bytes) and len(response_body) > LARGE_BODY):
-                return self._submit_large(record, bodies)
-            self.writer.submit(record, *self._bodies(*bodies))  # a refusal is counted by the writer
+            snap = flowrecord.snapshot(flow, exchange, outcome=outcome, response=response, error=error,
+                                       response_body=response_body, pinned=self.pinned, ended_us=now_us())
+            if _large(snap.request_body) or _large(snap.response_body):
+                return self._submit_large(snap)
+            self.writer.submit_exchange(snap)  # a refusal is counted by the writer
         except Exception:  # a record that cannot be built must never break the agent's call
             self._lost(flow.metadata.get(flowmeta.REQUEST_ID))
         return None
 
-    async def _submit_large(self, record: AuditRecord, bodies: _Bodies) -> None:
+    async def _submit_large(self, snap: ExchangeSnapshot) -> None:
+        """Digest and cut large bodies on a thread (hashing releases the GIL), so only what is kept travels."""
+        limit = self.writer.config.max_body_bytes
+        resp_fields = snap.response.fields if snap.response is not None else ()
         try:
-            self.writer.submit(record, *await asyncio.to_thread(self._bodies, *bodies))
+            req_body, resp_body = await asyncio.to_thread(
+                lambda: (captured(snap.request_body, snap.request_fields, limit),
+                         captured(snap.response_body, resp_fields, limit)))
+            self.writer.submit_exchange(snap._replace(request_body=req_body, response_body=resp_body))
         except Exception:
-            self._lost(record.id)
+            self._lost(snap.id)
 
     @staticmethod
     def _lost(request_id: str | None) -> None:
         metrics.AUDIT_DROPPED.labels(reason="capture_error").inc()
         log.exception("audit record for request %s could not be built", request_id)
 
-    def _bodies(self, request_fields: HeaderFields, request_body: bytes, response_fields: HeaderFields,
-                response_body: CapturedBody | bytes | None) -> tuple[CapturedBody | None, CapturedBody | None]:
-        """Both bodies as the writer takes them; the response's may be captured already (a stream tap)."""
-        if response_body is None or isinstance(response_body, CapturedBody):
-            return self._capture(request_fields, request_body), response_body
-        return self._capture(request_fields, request_body), self._capture(response_fields, response_body)
 
-    def _capture(self, fields: HeaderFields, data: bytes) -> CapturedBody | None:
-        if not data:
-            return None
-        return capture_bytes(data, self.writer.config.max_body_bytes,
-                             content_encoding=flowrecord.header_value(fields, b"content-encoding") or "",
-                             content_type=flowrecord.header_value(fields, b"content-type") or "")
+def _large(body: Body) -> bool:
+    return isinstance(body, bytes) and len(body) > LARGE_BODY

@@ -52,7 +52,8 @@ def register(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from bastion.proxy.server import configure_logging, serve
+    from bastion.logs import configure_logging
+    from bastion.proxy.server import serve
     from bastion.proxy.settings import serve_settings
 
     try:

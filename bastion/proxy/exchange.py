@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bastion.audit.bodies import BodyCapture, CapturedBody
-
-HeaderFields = tuple[tuple[bytes, bytes], ...]
+from bastion.audit.snapshot import HeaderFields
 
 
 class StreamTap:

@@ -214,6 +214,13 @@ async def _serve(settings: ServeSettings, store: LockStore, audit: Any = None) -
     from bastion.proxy.locks import check_store, keep_locks_gauge
 
     loop = asyncio.get_running_loop()
+    if audit is not None:  # a `bastion.proxy.auditing.AuditService`: its worker process starts while we go on
+        from bastion.proxy.auditing import AuditStartError
+
+        try:
+            await audit.spawn()
+        except AuditStartError as e:
+            raise StartupError(str(e), e.code) from None
     try:
         state = await PolicyState.load(settings.rules, pinned_agent_validator(settings.agent))
     except PolicyLoadError as e:
@@ -235,9 +242,7 @@ async def _serve(settings: ServeSettings, store: LockStore, audit: Any = None) -
     protected = await protected_targets(settings)
     await check_store(store)
     audit_checks = []
-    if audit is not None:  # a `bastion.proxy.auditing.AuditService`
-        from bastion.proxy.auditing import AuditStartError
-
+    if audit is not None:
         try:
             await audit.start(state)
         except AuditStartError as e:
@@ -292,8 +297,6 @@ async def _serve(settings: ServeSettings, store: LockStore, audit: Any = None) -
 
     background: set[asyncio.Task[Any]] = set()
     background.add(asyncio.create_task(keep_locks_gauge(store), name="locks-gauge"))
-    if audit is not None:
-        background.add(audit.retention())
 
     def reload_soon(trigger: str) -> None:
         task = loop.create_task(state.reload(trigger))
@@ -349,13 +352,3 @@ async def _stop_master(proxy: Proxy, run_task: asyncio.Task[Any]) -> None:
     proxy.master.shutdown()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(run_task, 5.0)
-
-
-def configure_logging() -> None:
-    import os
-
-    level = os.environ.get("BASTION_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
