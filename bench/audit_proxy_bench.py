@@ -13,7 +13,8 @@ the redactor to find), answered with ~1.5 KB of JSON, over plain HTTP and interc
 keep-alive connections, closed loop. One load process per cell alternates short slices between the two
 servers (off, on, on, off, ...), so the drift a shared machine shows over seconds hits both alike; each pair of
 neighbouring slices gives one on/off ratio, and a cell reports the median ratio, the median req/s of each side,
-latency percentiles over all its slices, and the proxy's CPU per request (its process and the audit worker).
+latency percentiles over all its slices, and CPU per request of the proxy, its audit worker and the load
+generator.
 Printed: machine, a Markdown table, the records the audit wrote, and the target (on >= 0.9x off). All traffic
 stays on 127.0.0.1. Not part of the test suite.
 """
@@ -102,11 +103,13 @@ def role_paired(url: str, proxies: str, pids: str, conc: int, slice_s: float, pa
             for i in range(pairs):
                 for which in ((0, 1) if i % 2 == 0 else (1, 0)):
                     await run(sessions[which], targets[which], 0.3)  # connections up, caches warm
-                    cpu0, own0 = tree_cpu_seconds(servers[which]), time.process_time()
+                    pid = servers[which]
+                    cpu0, tree0, own0 = pb.cpu_seconds(pid), tree_cpu_seconds(pid), time.process_time()
                     lat, errors = await run(sessions[which], targets[which], slice_s)
-                    cpu, own = tree_cpu_seconds(servers[which]) - cpu0, time.process_time() - own0
+                    cpu, tree = pb.cpu_seconds(pid) - cpu0, tree_cpu_seconds(pid) - tree0
                     print(json.dumps({"pair": i, "target": which, "n": len(lat), "seconds": slice_s,
-                                      "errors": errors, "cpu_s": cpu, "load_cpu_s": own, "lat": lat}), flush=True)
+                                      "errors": errors, "cpu_s": cpu, "worker_cpu_s": tree - cpu,
+                                      "load_cpu_s": time.process_time() - own0, "lat": lat}), flush=True)
         finally:
             for s in sessions:
                 await s.close()
@@ -139,8 +142,9 @@ class Side:
     req_s: float  # median over slices
     p50: float
     p99: float
-    cpu_ms: float | None  # median CPU per request, proxy process and its audit worker
-    load_cpu_ms: float | None  # median CPU per request of the load generator (same machine)
+    cpu_ms: float | None  # median CPU per request of the proxy process
+    worker_cpu_ms: float | None  # ... of its audit worker process
+    load_cpu_ms: float | None  # ... of the load generator (same machine)
     errors: int
 
 
@@ -168,10 +172,12 @@ def paired(url: str, proxies: list[str], pids: list[int], conns: int, slice_s: f
         def q(p: float, lat: list[float] = lat) -> float:
             return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
 
-        cpu = [s["cpu_s"] / s["n"] * 1000 for s in mine if s["n"]]
-        load_cpu = [s["load_cpu_s"] / s["n"] * 1000 for s in mine if s["n"]]
+        def per_request(key: str, mine: list[dict] = mine) -> float | None:
+            values = [s[key] / s["n"] * 1000 for s in mine if s["n"]]
+            return statistics.median(values) if values else None
+
         sides.append(Side(statistics.median(s["n"] / s["seconds"] for s in mine), q(0.5), q(0.99),
-                          statistics.median(cpu) if cpu else None, statistics.median(load_cpu) if load_cpu else None,
+                          per_request("cpu_s"), per_request("worker_cpu_s"), per_request("load_cpu_s"),
                           sum(s["errors"] for s in mine)))
     by_pair: dict[int, dict[int, float]] = {}
     for s in slices:
@@ -256,9 +262,9 @@ def metric(admin: str, name: str) -> float:
 
 
 def table(cells: list[Cell]) -> str:
-    rows = ["| scheme | conns | audit | req/s | p50 ms | p99 ms | proxy CPU ms/req | load CPU ms/req | req/s on/off "
-            "| errors |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| scheme | conns | audit | req/s | p50 ms | p99 ms | CPU ms/req: proxy | audit worker | load generator "
+            "| req/s on/off | errors |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ms(value: float | None) -> str:
         return f"{value:.2f}" if value is not None else "-"
@@ -267,7 +273,8 @@ def table(cells: list[Cell]) -> str:
         for name, side in (("off", cell.off), ("on", cell.on)):
             ratio = f"{cell.ratio:.2f}x" if name == "on" else ""
             rows.append(f"| {cell.scheme} | {cell.conns} | {name} | {side.req_s:.0f} | {side.p50:.2f} | "
-                        f"{side.p99:.2f} | {ms(side.cpu_ms)} | {ms(side.load_cpu_ms)} | {ratio} | {side.errors} |")
+                        f"{side.p99:.2f} | {ms(side.cpu_ms)} | {ms(side.worker_cpu_ms) if name == 'on' else '-'} | "
+                        f"{ms(side.load_cpu_ms)} | {ratio} | {side.errors} |")
     return "\n".join(rows)
 
 

@@ -26,7 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import requests
 from aiohttp import web
+from support.bastion import BastionServer
 from support.certs import CertFiles
 
 from bastion.audit.record import AuditRecord
@@ -355,3 +357,40 @@ def wait_for_records(url: str, ids: Iterable[str], timeout: float = 30.0) -> dic
 
 def wait_for_record(url: str, record_id: str, timeout: float = 30.0) -> AuditRecord:
     return wait_for_records(url, [record_id], timeout)[record_id]
+
+
+# -- agents calling through a running server ----------------------------------------------------------------
+
+
+def session(server: BastionServer) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    url = server.proxy_url("support-bot", TOKENS["support-bot"])
+    s.proxies = {"http": url, "https": url}
+    return s
+
+
+def call(s: requests.Session, upstream: AuditUpstream, path: str) -> str:
+    resp = s.post(f"{upstream.http_url}/{path}", json={"n": path}, timeout=10)
+    assert resp.status_code == 200
+    return resp.headers["X-Bastion-Request-Id"]
+
+
+class Traffic(threading.Thread):
+    """Calls the proxy back to back until it fails; remembers when each call completed."""
+
+    def __init__(self, server: BastionServer, upstream: AuditUpstream) -> None:
+        super().__init__(daemon=True)
+        self.session = session(server)
+        self.upstream = upstream
+        self.completed: list[tuple[float, str]] = []
+
+    def run(self) -> None:
+        i = 0
+        while True:
+            try:
+                request_id = call(self.session, self.upstream, f"traffic-{i}")
+            except (requests.RequestException, AssertionError):
+                return
+            self.completed.append((time.monotonic(), request_id))
+            i += 1

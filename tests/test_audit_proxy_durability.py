@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from auditproxy import (
-    TOKENS,
     AuditUpstream,
     Forwarder,
+    Traffic,
+    call,
     drop_schema,
     read_records,
     run_audit_upstream,
+    session,
     wait_for_records,
     write_policy,
 )
@@ -52,20 +52,6 @@ def forwarder() -> Iterator[Forwarder]:
     fwd = Forwarder((POSTGRES_HOST, POSTGRES_PORT)).start()
     yield fwd
     fwd.close()
-
-
-def session(server: BastionServer) -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    url = server.proxy_url("support-bot", TOKENS["support-bot"])
-    s.proxies = {"http": url, "https": url}
-    return s
-
-
-def call(s: requests.Session, upstream: AuditUpstream, path: str) -> str:
-    resp = s.post(f"{upstream.http_url}/{path}", json={"n": path}, timeout=10)
-    assert resp.status_code == 200
-    return resp.headers["X-Bastion-Request-Id"]
 
 
 def metric(server: BastionServer, name: str) -> float:
@@ -124,26 +110,6 @@ def test_postgres_outage_mid_traffic(tmp_path: Path, test_certs: CertFiles, audi
     assert [r.chain.seq for r in stored if r.chain] == sorted(r.chain.seq for r in stored if r.chain)
     verify = run_cli("audit", "verify", "--audit", direct)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-
-
-class Traffic(threading.Thread):
-    """Calls the proxy back to back until it fails; remembers when each call completed."""
-
-    def __init__(self, server: BastionServer, upstream: AuditUpstream) -> None:
-        super().__init__(daemon=True)
-        self.session = session(server)
-        self.upstream = upstream
-        self.completed: list[tuple[float, str]] = []
-
-    def run(self) -> None:
-        i = 0
-        while True:
-            try:
-                request_id = call(self.session, self.upstream, f"traffic-{i}")
-            except (requests.RequestException, AssertionError):
-                return
-            self.completed.append((time.monotonic(), request_id))
-            i += 1
 
 
 @pytest.mark.parametrize("sink", ["sqlite", "postgresql-cut"])

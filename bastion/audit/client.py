@@ -1,9 +1,10 @@
 """`AuditClient`: the proxy's side of the audit worker process (`bastion.audit.worker`).
 
 The proxy's capture stages call `submit_exchange(snapshot)` once per exchange. That pickles the snapshot into a
-frame and queues it; once per event-loop iteration the queued frames go to the worker's stdin in one write
-(the pipe transport buffers whatever the pipe does not take at once, so nothing here ever blocks). The worker
-builds, redacts, chains, spools and stores the record on its own core.
+frame and queues it; at most `SEND_EVERY` later the queued frames go to the worker's stdin in one write (the
+pipe transport buffers whatever the pipe does not take at once, so nothing here ever blocks). The worker
+builds, redacts, chains, spools and stores the record on its own core; waking it once per batch rather than
+once per exchange saves part of its cost per record.
 
 What the proxy asks synchronously is answered from the worker's last STATUS (sent within
 `worker.STATUS_EVERY` of any change) and from what is still on its way:
@@ -16,8 +17,9 @@ What the proxy asks synchronously is answered from the worker's last STATUS (sen
 - the worker's counters (`bastion_audit_records_total`, `..._write_errors_total`, `..._dropped_total`) are
   added to this process's metrics as they grow.
 
-Durability is the worker's (see `AuditWriter`): an exchange is in the worker within a loop iteration and in its
-spool within milliseconds; if the proxy is killed, the worker still spools everything it received. If the
+Durability is the worker's (see `AuditWriter`): an exchange is in the worker within `SEND_EVERY` and in its
+spool milliseconds later; if the proxy is killed, the worker still spools everything it received (a kill
+loses at most the last `SEND_EVERY` of exchanges, well inside the one-second promise). If the
 worker dies, what it had not yet taken is counted as dropped (`writer_down`), and a new worker is started with
 a growing delay; it recovers the spool.
 """
@@ -47,7 +49,7 @@ START_TIMEOUT = 60.0
 """Seconds a new worker gets to open its spool (it may wait for a slot) and answer READY."""
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 """Seconds before restarting a worker that died, growing with each failure in a row."""
-SEND_EVERY = 0.02
+SEND_EVERY = 0.05
 """Seconds an exchange may wait in the proxy before it is written to the worker (with the others queued)."""
 SEND_NOW_BYTES = 256 << 10
 """Queued bytes that are written at once."""

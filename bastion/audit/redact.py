@@ -254,6 +254,8 @@ class Redactor:
 
     def url(self, url: str, path: str, found: list[str]) -> str:
         """Mask a password in the userinfo, secret query parameters, then credential-shaped values."""
+        if "?" not in url and "@" not in url:  # no userinfo, no query: only values can hold a secret
+            return self.text(url, path, found)
         try:
             parts = urlsplit(url)
         except ValueError:

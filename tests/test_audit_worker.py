@@ -1,0 +1,157 @@
+"""The audit worker process beside `bastion serve`: what happens when it dies, when the proxy dies, and the frames
+between them.
+
+The worker is found as the child process of the server whose command line names `bastion.audit.worker`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from auditproxy import AuditUpstream, Traffic, call, run_audit_upstream, session, wait_for_records, write_policy
+from support.bastion import BastionServer, run_bastion, run_cli
+from support.certs import CertFiles
+
+from bastion.audit import ipc
+
+
+@pytest.fixture(scope="module")
+def audit_upstream(test_certs: CertFiles) -> Iterator[AuditUpstream]:
+    with run_audit_upstream(test_certs) as up:
+        yield up
+
+
+def worker_pid(server: BastionServer, timeout: float = 30.0) -> int:
+    """The server's audit worker (waiting for one while it is being restarted)."""
+    deadline = time.monotonic() + timeout
+    pid = server.proc.pid
+    while True:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"bastion.audit.worker" in cmdline:
+                return int(child)
+        assert time.monotonic() < deadline, "the server has no audit worker"
+        time.sleep(0.05)
+
+
+def wait_ready(server: BastionServer, ready: bool, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, raw = server.admin_get("/readyz")
+        if (status == 200) == ready:
+            return json.loads(raw)
+        assert time.monotonic() < deadline, f"/readyz never became {'ready' if ready else 'unready'}: {raw!r}"
+        time.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not gone(pid):
+        assert time.monotonic() < deadline, f"process {pid} is still there"
+        time.sleep(0.02)
+
+
+def test_a_dead_worker_is_restarted_and_deny_refuses_calls_meanwhile(tmp_path: Path, test_certs: CertFiles,
+                                                                     audit_upstream: AuditUpstream) -> None:
+    """SIGKILL the worker, and keep its successor from starting for a while (its spool's lock file is made a
+    directory, so it cannot open the spool): calls are refused with 503 audit_unavailable and /readyz says why;
+    once the spool is usable again a new worker takes over, records flow and the chain is intact."""
+    home = tmp_path / "home"
+    url = f"sqlite:///{home / 'bastion.db'}"
+    with run_bastion(tmp_path / "srv", [write_policy(tmp_path / "rules.yaml")], home=home) as server:
+        s = session(server)
+        ids = [call(s, audit_upstream, "before")]
+        wait_for_records(url, ids)
+        first = worker_pid(server)
+        lock = home / "spool" / "lock"
+
+        os.kill(first, signal.SIGKILL)
+        wait_gone(first)
+        lock.unlink()
+        lock.mkdir()  # the restarted worker now fails to open the spool, and is retried with a growing delay
+        unready = wait_ready(server, ready=False)
+        assert "audit worker is not running" in unready["checks"]["audit"]["detail"]
+        resp = s.post(f"{audit_upstream.http_url}/while-down", json={}, timeout=10)
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+        assert resp.json()["error"]["type"] == "audit_unavailable"
+        server.wait_for_log(r"audit worker could not start again: cannot open the audit spool")
+
+        lock.rmdir()
+        wait_ready(server, ready=True)
+        assert worker_pid(server) != first
+        ids.append(call(s, audit_upstream, "after"))
+        wait_for_records(url, ids)
+        server.wait_for_log(r"audit worker \d+ exited")
+        server.wait_for_log(r"audit worker \d+ is back")
+    verify = run_cli("audit", "verify", "--audit", url, "--home", str(home))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_killed_proxy_leaves_its_spool_to_its_successor(tmp_path: Path, test_certs: CertFiles,
+                                                          audit_upstream: AuditUpstream) -> None:
+    """SIGKILL the proxy while its worker is stopped: a new proxy on the same home starts while the old worker
+    still holds the spool. The new worker waits for the old one (which spools what it received and exits)
+    instead of taking a second slot, and every call completed more than a second before the kill is recorded."""
+    home = tmp_path / "home"
+    url = f"sqlite:///{home / 'bastion.db'}"
+    rules = write_policy(tmp_path / "rules.yaml")
+    with run_bastion(tmp_path / "run1", [rules], home=home) as server:
+        traffic = Traffic(server, audit_upstream)
+        traffic.start()
+        deadline = time.monotonic() + 30
+        while len(traffic.completed) < 20 or time.monotonic() - traffic.completed[0][0] < 1.5:
+            assert time.monotonic() < deadline and traffic.is_alive(), "no traffic through the proxy"
+            time.sleep(0.05)
+        orphan = worker_pid(server)
+        os.kill(orphan, signal.SIGSTOP)
+        killed_at = time.monotonic()
+        server.proc.kill()
+        server.proc.wait(10)
+        traffic.join(15)
+    owed = [rid for done, rid in traffic.completed if done < killed_at - 1.0]
+    assert owed
+
+    thaw = threading.Timer(2.0, os.kill, (orphan, signal.SIGCONT))
+    thaw.start()
+    try:
+        with run_bastion(tmp_path / "run2", [rules], home=home, ready_timeout=60) as server:
+            wait_gone(orphan)
+            assert not (home / "spool.1").exists() and "spool.1" not in server.logs()
+            wait_for_records(url, owed, timeout=60)
+    finally:
+        thaw.cancel()
+        if not gone(orphan):
+            os.kill(orphan, signal.SIGCONT)
+
+
+def test_frames_survive_any_split_and_garbage_is_refused() -> None:
+    values = [(ipc.EXCHANGE, {"n": i, "blob": os.urandom(i * 37)}) for i in range(20)]
+    stream = b"".join(ipc.frame(kind, value) for kind, value in values)
+    for size in (1, 7, 4096, len(stream)):
+        buffer = ipc.FrameBuffer()
+        got = []
+        for start in range(0, len(stream), size):
+            got += buffer.feed(stream[start:start + size])
+        assert got == values and not buffer.partial
+    cut = ipc.FrameBuffer()
+    assert cut.feed(stream[:10]) == [] and cut.partial
+    with pytest.raises(ipc.ProtocolError):
+        ipc.FrameBuffer().feed(b"\x00\x00\x00\x03Xabc")
