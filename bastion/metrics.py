@@ -49,7 +49,8 @@ APPROVALS = Counter("bastion_approvals", "Approvals decided, by outcome.", ["out
 AUDIT_RECORDS = Counter("bastion_audit_records", "Audit records written to the sink.", registry=REGISTRY)
 AUDIT_BACKLOG = Gauge("bastion_audit_backlog", "Audit records accepted but not yet in the sink.",
                       registry=REGISTRY)
-AUDIT_DROPPED = Counter("bastion_audit_dropped", "Audit records lost (spool unwritable).", ["reason"],
+AUDIT_DROPPED = Counter("bastion_audit_dropped", "Audit records lost, by reason: spool_error, spool_full, overloaded, "
+                        "writer_down (the audit worker was not running), closed, capture_error, invalid.", ["reason"],
                         registry=REGISTRY)
 AUDIT_WRITE_ERRORS = Counter("bastion_audit_write_errors", "Failed attempts to write to the audit sink.",
                              registry=REGISTRY)

@@ -3,17 +3,18 @@ spooled locally first and drained to SQLite, PostgreSQL or JSON-lines files.
 
 What the proxy uses (all importable from here):
 
-    writer = await AuditWriter.open(audit_url, home.spool, config=AuditConfig.from_settings(policy.audit))
+    client = await AuditClient.spawn(audit_url, home.path, display_url)   # the worker process starts
+    await client.start(AuditConfig.from_settings(policy.audit))             # ... and opens its writer
     rid = new_request_id()                      # X-Bastion-Request-Id, and the record's id
-    if writer.must_refuse(): ...                # before forwarding: 503 audit_unavailable
-    cap = writer.capture(content_encoding=..., content_type=...)   # per body; cap.feed(chunk) in the stream tap
-    writer.submit(AuditRecord(...), request_body=req_cap.finish(), response_body=resp_cap.finish())
-    writer.configure(AuditConfig.from_settings(new_policy.audit))  # on reload
-    asyncio.create_task(run_retention(writer.store, lambda: writer.config))   # bastion.audit.retention
-    await writer.close()                        # on shutdown
+    if client.must_refuse(): ...                # before forwarding: 503 audit_unavailable
+    cap = client.capture(content_encoding=..., content_type=...)   # a streamed body; cap.feed(chunk) in the tap
+    client.submit_exchange(ExchangeSnapshot(...))   # once per exchange (`bastion.proxy.flowrecord.snapshot`)
+    client.configure(AuditConfig.from_settings(new_policy.audit))  # on reload
+    await client.close()                        # on shutdown: the worker drains and exits
 
-Readers (CLI, dashboard, retention) use `open_store(url)`; `bastion.audit.har`, `.verify` and `.retention`
-build on it.
+In the worker (`bastion.audit.worker`) an `AuditWriter` does the work; it can also be used directly, in one
+process (`await AuditWriter.open(url, spool_dir)`, then `submit` / `submit_exchange`, `flush`, `close`).
+Readers (CLI, dashboard) use `open_store(url)`; `bastion.audit.har`, `.verify` and `.retention` build on it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _EXPORTS = {
     "AuditStore": "sinks", "RecordQuery": "sinks", "StoreError": "sinks", "open_store": "sinks",
     "SpoolLockedError": "spool",
     "AuditWriter": "writer",
+    "AuditClient": "client",
+    "ExchangeSnapshot": "snapshot",
 }
 
 
@@ -46,6 +49,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ApprovalFact",
+    "AuditClient",
     "AuditConfig",
     "AuditRecord",
     "AuditStore",
@@ -55,6 +59,7 @@ __all__ = [
     "CapturedBody",
     "DecisionFacts",
     "ErrorFacts",
+    "ExchangeSnapshot",
     "Identity",
     "LockFact",
     "RecordQuery",

@@ -45,6 +45,8 @@ from bastion.audit.snapshot import ExchangeSnapshot
 
 log = logging.getLogger("bastion.audit")
 
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
 START_TIMEOUT = 60.0
 """Seconds a new worker gets to open its spool (it may wait for a slot) and answer READY."""
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -133,11 +135,13 @@ class AuditClient:
         self._supervisor = asyncio.create_task(self._supervise(), name="audit-worker-supervisor")
 
     async def _launch(self) -> _Incarnation:
+        # The worker imports the same Bastion as this process, wherever that came from.
+        path = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bastion.audit.worker",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
             start_new_session=True,  # a terminal's signals go to the proxy, which stops the worker in order
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONPATH": path})
         return _Incarnation(proc)
 
     async def _handshake(self, worker: _Incarnation) -> None:
@@ -203,7 +207,7 @@ class AuditClient:
             if transport is not None and transport.get_write_buffer_size() > self._max_pending:
                 reason = "overloaded"
             else:
-                self._queue(ipc.frame(ipc.EXCHANGE, snapshot))
+                self._queue(ipc.frame(ipc.EXCHANGE, snapshot.to_wire()))
                 worker.sent += 1
                 metrics.AUDIT_BACKLOG.inc()
                 return True
@@ -248,9 +252,9 @@ class AuditClient:
                     await worker.proc.wait()
             except TimeoutError:
                 log.error("audit worker %d did not stop; killing it (its spool keeps what it had)", worker.proc.pid)
-            drained = worker.closed_ok
         if worker is not None:
-            await self._reap(worker)
+            await self._reap(worker)  # also reads the worker's last frames, CLOSED among them
+            drained = drained or worker.closed_ok
         self._fail_flushes()
         self._closed.set_result(drained)
         return drained

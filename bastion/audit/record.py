@@ -42,9 +42,12 @@ class RecordError(ValueError):
     """Stored JSON that is not a valid audit record (corrupt or tampered with)."""
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(obj: object) -> bytes:
     """The bytes a record hash is computed over: sorted keys, no whitespace, UTF-8, no NaN or Infinity."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _CANONICAL.encode(obj).encode()
 
 
 # --- small typed readers for from_json: a tampered or truncated record must fail with RecordError ------------

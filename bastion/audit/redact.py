@@ -327,12 +327,14 @@ class Redactor:
     def _any_secret_key(self, doc: Any) -> bool:
         """Whether any object key in the parsed document is secret-like: a walk that builds nothing (no copies,
         no paths), for the common body that has nothing to mask."""
+        known = self._key_memo.get  # names seen before: one lookup, no method call (most keys, after warm-up)
         stack = [doc]
         while stack:
             node = stack.pop()
             if type(node) is dict:
                 for k, v in node.items():
-                    if self.secret_key(k):
+                    verdict = known(k)
+                    if verdict or (verdict is None and self.secret_key(k)):
                         return True
                     if type(v) is dict or type(v) is list:
                         stack.append(v)

@@ -108,6 +108,40 @@ class ExchangeSnapshot(NamedTuple):
         """Bytes of body data this snapshot carries (for the writer's memory bound)."""
         return _body_len(self.request_body) + _body_len(self.response_body)
 
+    def to_wire(self) -> tuple[Any, ...]:
+        """Plain tuples only, for `pickle`: a named tuple or dataclass is pickled by class reference and
+        rebuilt by a call, which costs the proxy three times as much per exchange. `from_wire` undoes it."""
+        values = list(self)
+        values[_RESPONSE] = None if self.response is None else tuple(self.response)
+        values[_DECISION] = None if self.decision is None else tuple(self.decision)
+        values[_REQUEST_BODY] = _body_to_wire(self.request_body)
+        values[_RESPONSE_BODY] = _body_to_wire(self.response_body)
+        return tuple(values)
+
+    @classmethod
+    def from_wire(cls, values: tuple[Any, ...]) -> ExchangeSnapshot:
+        fields = list(values)
+        response, decision = fields[_RESPONSE], fields[_DECISION]
+        fields[_RESPONSE] = None if response is None else ResponseFacts._make(response)
+        fields[_DECISION] = None if decision is None else DecisionTuple._make(decision)
+        fields[_REQUEST_BODY] = _body_from_wire(fields[_REQUEST_BODY])
+        fields[_RESPONSE_BODY] = _body_from_wire(fields[_RESPONSE_BODY])
+        return cls._make(fields)
+
+
+_RESPONSE, _DECISION, _REQUEST_BODY, _RESPONSE_BODY = (
+    ExchangeSnapshot._fields.index(name) for name in ("response", "decision", "request_body", "response_body"))
+
+
+def _body_to_wire(body: Body) -> Any:
+    if isinstance(body, CapturedBody):
+        return (body.raw, body.size, body.sha256, body.encoding, body.mime_type, body.complete)
+    return body
+
+
+def _body_from_wire(value: Any) -> Body:
+    return CapturedBody(*value) if isinstance(value, tuple) else value
+
 
 def _body_len(body: Body) -> int:
     if body is None:

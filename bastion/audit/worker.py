@@ -37,6 +37,7 @@ from bastion.audit import ipc
 from bastion.audit.ipc import Hello, Ready, Status
 from bastion.audit.retention import run_retention
 from bastion.audit.sinks import StoreError
+from bastion.audit.snapshot import ExchangeSnapshot
 from bastion.audit.spool import SpoolLockedError
 from bastion.audit.writer import AuditWriter
 
@@ -156,7 +157,7 @@ class Worker:
             for kind, value in batch:
                 if kind == ipc.EXCHANGE:
                     self._received += 1
-                    writer.submit_exchange(value)
+                    writer.submit_exchange(ExchangeSnapshot.from_wire(value))
                 elif kind == ipc.CONFIGURE:
                     writer.configure(value)
                 elif kind == ipc.FLUSH:

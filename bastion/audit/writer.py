@@ -1,10 +1,13 @@
-"""`AuditWriter`: the one object the proxy talks to. Non-blocking submit, spool first, drain to the sink.
+"""`AuditWriter`: non-blocking submit, spool first, drain to the sink.
+
+`bastion serve` runs it in the audit worker process (`bastion.audit.worker`), fed with exchange snapshots by
+the proxy's `bastion.audit.client.AuditClient`; tests and tools may run it in their own process.
 
 Path of a record:
 
-    proxy (event loop)       submit(record, bodies)    O(1): a queue put, nothing else
-    spool thread             finalize (decode, redact) -> chain link -> spool append (one os.write for the
-                             records that arrived together)
+    caller (event loop)      submit(record, bodies) or submit_exchange(snapshot)    O(1): a queue put
+    spool thread             (snapshot -> record) -> finalize (decode, redact) -> chain link -> spool append
+                             (one os.write for the records that arrived together)
                              fdatasync at least every `sync_interval` (0.2 s), or at once for flush()
     drain task (event loop)  read synced entries (spool I/O on its own thread) -> store.write(batch)
                              -> move the spool cursor; on sink failure back off and retry, in order
@@ -18,8 +21,9 @@ it is on disk for a power cut too. So a record submitted more than a second ago 
 Failure: `submit` returns False, and counts `bastion_audit_dropped_total{reason}`, only when the record cannot
 be taken: the spool cannot be written (`spool_error`), is full (`spool_full`), the writer is `overloaded`
 (too many bytes waiting to be spooled) or `closed`. Since the record is submitted after the exchange, the
-proxy asks *before* forwarding: `writer.must_refuse()` is True while records cannot be taken and
-`audit.on_failure` is "deny"; the proxy then answers 503 `audit_unavailable`.
+proxy asks *before* forwarding: `must_refuse()` (here, or the client's, which knows this writer's `refusal()`
+from the worker's status) is True while records cannot be taken and `audit.on_failure` is "deny"; the proxy
+then answers 503 `audit_unavailable`.
 """
 
 from __future__ import annotations
