@@ -10,13 +10,15 @@ connection, side by side.
 
 The load is an LLM-shaped call: POST /v1/chat/completions with ~1.5 KB of JSON (an Authorization header for
 the redactor to find), answered with ~1.5 KB of JSON, over plain HTTP and intercepted HTTPS, 1 or 50
-keep-alive connections, closed loop. One load process per cell alternates short slices between the two
-servers (off, on, on, off, ...), so the drift a shared machine shows over seconds hits both alike; each pair of
-neighbouring slices gives one on/off ratio, and a cell reports the median ratio, the median req/s of each side,
-latency percentiles over all its slices, and CPU per request of the proxy, its audit worker and the load
-generator.
-Printed: machine, a Markdown table, the records the audit wrote, and the target (on >= 0.9x off). All traffic
-stays on 127.0.0.1. Not part of the test suite.
+keep-alive connections, closed loop. Client and upstream are `lean_http`'s minimal HTTP/1.1 ends, so the
+cores of a small machine go to the proxy and its audit worker rather than to the harness.
+
+One load process per cell alternates short slices between the two servers (off, on, on, off, ...), so the
+drift a shared machine shows over seconds hits both alike; each pair of neighbouring slices gives one on/off
+ratio, and a cell reports the median ratio, the median req/s of each side, latency percentiles over all its
+slices, and CPU per request of the proxy, its audit worker and the load generator. Printed: machine, a Markdown
+table, the records the audit wrote, and the target (on >= 0.9x off). All traffic stays on 127.0.0.1. Not part
+of the test suite.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
+import lean_http  # noqa: E402  (this directory)
 import proxy_bench as pb  # noqa: E402  (this directory: its helpers and policy)
 
 REQUEST_BODY = json.dumps({
@@ -59,60 +62,43 @@ RESPONSE_BODY = json.dumps({
 
 
 def role_upstream(cert: str, key: str) -> None:
-    """An LLM-shaped upstream on HTTP and HTTPS (proxy_bench's, answering RESPONSE_BODY)."""
-    pb.role_upstream(cert, key, RESPONSE_BODY)
+    """An LLM-shaped upstream on HTTP and HTTPS answering RESPONSE_BODY (`lean_http`: cheap on the CPU)."""
+    import asyncio
+
+    async def main() -> None:
+        ports = await lean_http.serve_upstream(RESPONSE_BODY, cert, key)
+        print(json.dumps(list(ports)), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
 
 
 def role_paired(url: str, proxies: str, pids: str, conc: int, slice_s: float, pairs: int, cafile: str) -> None:
-    """Closed loop against two proxies in alternating slices; prints one JSON object per slice and target."""
+    """Closed loop against two proxies in alternating slices (`lean_http` client); prints one JSON object per
+    slice and target."""
     import asyncio
-    import ssl
-
-    import aiohttp
 
     targets: list[str] = json.loads(proxies)
     servers: list[int] = json.loads(pids)
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench-not-a-real-key-0123456789"}
 
-    async def run(s: aiohttp.ClientSession, proxy: str, seconds: float) -> tuple[list[float], int]:
-        lat: list[float] = []
-        errors = 0
-        t_end = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            nonlocal errors
-            while (t := time.perf_counter()) < t_end:
-                try:
-                    async with s.post(url, data=REQUEST_BODY, headers=headers, proxy=proxy) as r:
-                        await r.read()
-                        ok = r.status == 200
-                except Exception:
-                    ok = False
-                if ok:
-                    lat.append(time.perf_counter() - t)
-                else:
-                    errors += 1
-
-        await asyncio.gather(*(worker() for _ in range(conc)))
-        return lat, errors
-
     async def main() -> None:
-        ctx = ssl.create_default_context(cafile=cafile)
-        sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc, ssl=ctx)) for _ in targets]
+        clients = [lean_http.ProxyClient(url, proxy, REQUEST_BODY, headers, cafile) for proxy in targets]
         try:
             for i in range(pairs):
                 for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-                    await run(sessions[which], targets[which], 0.3)  # connections up, caches warm
+                    await clients[which].run(conc, 0.3)  # connections up, caches warm
                     pid = servers[which]
                     cpu0, tree0, own0 = pb.cpu_seconds(pid), tree_cpu_seconds(pid), time.process_time()
-                    lat, errors = await run(sessions[which], targets[which], slice_s)
+                    lat: list[float] = []
+                    errors = await clients[which].run(conc, slice_s, lat)
                     cpu, tree = pb.cpu_seconds(pid) - cpu0, tree_cpu_seconds(pid) - tree0
                     print(json.dumps({"pair": i, "target": which, "n": len(lat), "seconds": slice_s,
                                       "errors": errors, "cpu_s": cpu, "worker_cpu_s": tree - cpu,
                                       "load_cpu_s": time.process_time() - own0, "lat": lat}), flush=True)
         finally:
-            for s in sessions:
-                await s.close()
+            for client in clients:
+                client.close()
 
     asyncio.run(main())
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -55,6 +56,8 @@ SEND_EVERY = 0.05
 """Seconds an exchange may wait in the proxy before it is written to the worker (with the others queued)."""
 SEND_NOW_BYTES = 256 << 10
 """Queued bytes that are written at once."""
+PIPE_BYTES = 1 << 20
+"""Size asked for the pipe to the worker (Linux's default limit for unprivileged processes)."""
 MAX_PENDING_BYTES = 256 << 20
 """Frames not yet written to the worker beyond which exchanges are dropped (`overloaded`)."""
 
@@ -70,8 +73,9 @@ class AuditStartError(Exception):
 class _Incarnation:
     """One worker process and what the client knows of it."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, output: ipc.PolledPipe) -> None:
         self.proc = proc
+        self.output = output  # the worker's frames
         self.ready: Ready | None = None
         self.started = time.monotonic()
         self.sent = 0
@@ -137,12 +141,23 @@ class AuditClient:
     async def _launch(self) -> _Incarnation:
         # The worker imports the same Bastion as this process, wherever that came from.
         path = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bastion.audit.worker",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
-            start_new_session=True,  # a terminal's signals go to the proxy, which stops the worker in order
-            env={**os.environ, "PYTHONPATH": path})
-        return _Incarnation(proc)
+        read_fd, write_fd = os.pipe()  # the worker's output, read by polling (see `bastion.audit.ipc`)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bastion.audit.worker",
+                stdin=asyncio.subprocess.PIPE, stdout=write_fd, stderr=None,
+                start_new_session=True,  # a terminal's signals go to the proxy, which stops the worker in order
+                env={**os.environ, "PYTHONPATH": path})
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        if proc.stdin is not None:  # room for what arrives between two looks of the worker (`ipc.PolledPipe`)
+            with contextlib.suppress(OSError, AttributeError):
+                fd = proc.stdin.transport.get_extra_info("pipe").fileno()
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        return _Incarnation(proc, ipc.PolledPipe(read_fd))
 
     async def _handshake(self, worker: _Incarnation) -> None:
         ready = self._ready = self._loop.create_future()
@@ -302,28 +317,35 @@ class AuditClient:
             stdin.write(data)
 
     async def _read(self, worker: _Incarnation) -> None:
-        """The worker's frames, until it exits."""
-        stdout = worker.proc.stdout
-        assert stdout is not None
+        """The worker's frames, looked at every `ipc.POLL_EVERY`, until it exits."""
         try:
-            while (item := await ipc.read_frame(stdout)) is not None:
-                kind, value = item
-                if kind == ipc.STATUS:
-                    self._on_status(worker, value)
-                elif kind == ipc.FLUSHED:
-                    flush_id, ok = value
-                    fut = self._flushes.pop(flush_id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(bool(ok))
-                elif kind == ipc.READY and self._ready is not None and not self._ready.done():
-                    self._ready.set_result(value)
-                elif kind == ipc.FAILED and self._ready is not None and not self._ready.done():
-                    message, code = value
-                    self._ready.set_exception(AuditStartError(message, code))
-                elif kind == ipc.CLOSED:
-                    worker.closed_ok = bool(value)
+            while True:
+                frames, ended = worker.output.read_available()
+                for kind, value in frames:
+                    self._on_frame(worker, kind, value)
+                if ended:
+                    return
+                await asyncio.sleep(ipc.POLL_EVERY)
         except ipc.ProtocolError as e:
             log.error("audit worker %d: %s", worker.proc.pid, e)
+        finally:
+            worker.output.close()
+
+    def _on_frame(self, worker: _Incarnation, kind: bytes, value: Any) -> None:
+        if kind == ipc.STATUS:
+            self._on_status(worker, value)
+        elif kind == ipc.FLUSHED:
+            flush_id, ok = value
+            fut = self._flushes.pop(flush_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(bool(ok))
+        elif kind == ipc.READY and self._ready is not None and not self._ready.done():
+            self._ready.set_result(value)
+        elif kind == ipc.FAILED and self._ready is not None and not self._ready.done():
+            message, code = value
+            self._ready.set_exception(AuditStartError(message, code))
+        elif kind == ipc.CLOSED:
+            worker.closed_ok = bool(value)
 
     def _on_status(self, worker: _Incarnation, status: Status) -> None:
         before = worker.status
@@ -375,7 +397,9 @@ class AuditClient:
             await worker.proc.wait()
         if worker.reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
-                await worker.reader
+                await worker.reader  # reads to the end, then closes the worker's output
+        else:
+            worker.output.close()
         if worker.proc.stdin is not None:
             worker.proc.stdin.close()
 

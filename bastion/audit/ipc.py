@@ -5,6 +5,11 @@ settings, counters. Pickle is safe here because both ends are Bastion itself and
 two processes (nothing else can write to them); it is also the cheapest encoding for tuples of bytes and
 strings, which matters because the proxy pays for encoding on its event loop.
 
+Each side reads the other's pipe on its own timer (`PolledPipe`) rather than waiting on it: a pipe write wakes a
+waiting reader with the kernel's "sync" hint, which places the reader on the writer's CPU. Waiting on its pipe,
+the worker would be pulled onto the proxy's core with every batch (and the proxy onto the worker's with every
+status report), and the two would take turns on one core while another sits idle.
+
 Proxy -> worker: HELLO (settings), EXCHANGE (one snapshot), CONFIGURE, FLUSH (id), CLOSE (seconds to drain).
 Worker -> proxy: READY (writer facts) or FAILED (message, exit code), STATUS (counters), FLUSHED (id, ok),
 CLOSED (ok).
@@ -12,7 +17,7 @@ CLOSED (ok).
 
 from __future__ import annotations
 
-import asyncio
+import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -65,25 +70,6 @@ def frame(kind: bytes, value: Any) -> bytes:
     return _HEAD.pack(len(payload), kind) + payload
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[bytes, Any] | None:
-    """The next frame, or None at a clean end of the stream (the other process closed it or exited)."""
-    try:
-        head = await reader.readexactly(_HEAD.size)
-    except asyncio.IncompleteReadError as e:
-        if not e.partial:
-            return None
-        raise ProtocolError("the stream ended inside a frame header") from None
-    length, kind = _HEAD.unpack(head)
-    try:
-        payload = await reader.readexactly(length)
-    except asyncio.IncompleteReadError:
-        raise ProtocolError("the stream ended inside a frame") from None
-    try:
-        return kind, pickle.loads(payload)  # noqa: S301 - written by Bastion's own other process, see above
-    except Exception as e:
-        raise ProtocolError(f"a frame did not decode: {e}") from None
-
-
 class FrameBuffer:
     """Frames from a byte stream read in arbitrary chunks: `feed` returns every frame completed so far.
 
@@ -121,3 +107,35 @@ class FrameBuffer:
             view.release()
         del buf[:pos]
         return out
+
+
+POLL_EVERY = 0.05
+"""Seconds between two looks at the other side's pipe."""
+
+
+class PolledPipe:
+    """The read end of a pipe, read when its owner looks (see the module docstring); the writer's side holds
+    what arrives meanwhile (the proxy enlarges the pipe to the worker)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.frames = FrameBuffer()
+        os.set_blocking(fd, False)
+
+    def read_available(self) -> tuple[list[tuple[bytes, Any]], bool]:
+        """(the frames completed by everything readable now, whether the stream has ended)."""
+        chunks: list[bytes] = []
+        ended = False
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                break
+            if not data:
+                ended = True
+                break
+            chunks.append(data)
+        return self.frames.feed(b"".join(chunks)), ended
+
+    def close(self) -> None:
+        os.close(self.fd)
