@@ -24,7 +24,6 @@ of the test suite.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -89,10 +88,10 @@ def role_paired(url: str, proxies: str, pids: str, conc: int, slice_s: float, pa
                 for which in ((0, 1) if i % 2 == 0 else (1, 0)):
                     await clients[which].run(conc, 0.3)  # connections up, caches warm
                     pid = servers[which]
-                    cpu0, tree0, own0 = pb.cpu_seconds(pid), tree_cpu_seconds(pid), time.process_time()
+                    cpu0, tree0, own0 = pb.cpu_seconds(pid), pb.tree_cpu_seconds(pid), time.process_time()
                     lat: list[float] = []
                     errors = await clients[which].run(conc, slice_s, lat)
-                    cpu, tree = pb.cpu_seconds(pid) - cpu0, tree_cpu_seconds(pid) - tree0
+                    cpu, tree = pb.cpu_seconds(pid) - cpu0, pb.tree_cpu_seconds(pid) - tree0
                     print(json.dumps({"pair": i, "target": which, "n": len(lat), "seconds": slice_s,
                                       "errors": errors, "cpu_s": cpu, "worker_cpu_s": tree - cpu,
                                       "load_cpu_s": time.process_time() - own0, "lat": lat}), flush=True)
@@ -101,19 +100,6 @@ def role_paired(url: str, proxies: str, pids: str, conc: int, slice_s: float, pa
                 client.close()
 
     asyncio.run(main())
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and its children (the audit worker), all threads."""
-    total = pb.cpu_seconds(pid)
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
-    for child in children:
-        with contextlib.suppress(OSError, ValueError):  # it may have exited meanwhile
-            total += tree_cpu_seconds(int(child))
-    return total
 
 
 def role_serve(audit: str, rules: str, home: str, upstream_ca: str) -> None:

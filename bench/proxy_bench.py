@@ -7,7 +7,8 @@ time) against a fast local aiohttp upstream (its own process too), over plain HT
 The proxies are the mitmdump binary of this venv (default addons, `ssl_verify_upstream_trusted_ca` for the
 test upstream) and `bastion serve` as a user runs it (agent credentials on every connection, the network
 guard, the request-id header). Printed: the machine, then a Markdown table with req/s, p50, p99, the proxy's
-CPU time per request, and each figure as a ratio to mitmdump in the same cell; then the targets.
+CPU time per request (with Bastion's audit worker process), and each figure as a ratio to mitmdump in the same
+cell; then the targets.
 With `--rounds N` every cell is measured N times, the targets interleaved within each round, and the median
 is reported: on a shared machine one run of a few seconds can be off by a third.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -144,6 +146,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its children (Bastion's audit worker), all threads."""
+    total = cpu_seconds(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        with contextlib.suppress(OSError, ValueError):  # it may have exited meanwhile
+            total += tree_cpu_seconds(int(child))
+    return total
+
+
 def machine() -> str:
     model = "unknown CPU"
     try:
@@ -229,14 +244,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def run_cell(url: str, proxy: str, conns: int, seconds: float, warmup: float, cafile: str,
              proxy_pid: int | None) -> tuple[dict[str, float], float | None]:
-    cpu0 = cpu_seconds(proxy_pid) if proxy_pid else None
+    cpu0 = tree_cpu_seconds(proxy_pid) if proxy_pid else None
     out = subprocess.run([sys.executable, __file__, "_load", url, proxy, str(conns), str(seconds), str(warmup),
                           cafile], capture_output=True, text=True, check=True, timeout=seconds + warmup + 60)
     stats = json.loads(out.stdout)
     cpu_ms = None
     if proxy_pid and cpu0 is not None and stats["n"]:
         # CPU over warm-up + measurement, per request measured (warm-up requests scale it by the same factor)
-        total = cpu_seconds(proxy_pid) - cpu0
+        total = tree_cpu_seconds(proxy_pid) - cpu0
         cpu_ms = total / (stats["n"] * (seconds + warmup) / seconds) * 1000
     return stats, cpu_ms
 
