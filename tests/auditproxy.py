@@ -385,6 +385,13 @@ class Traffic(threading.Thread):
         self.upstream = upstream
         self.completed: list[tuple[float, str]] = []
 
+    def wait_for(self, calls: int, first_done_before: float) -> None:
+        """Until `calls` calls completed, the first of them at least `first_done_before` seconds ago."""
+        deadline = time.monotonic() + 30
+        while len(self.completed) < calls or time.monotonic() - self.completed[0][0] < first_done_before:
+            assert time.monotonic() < deadline and self.is_alive(), "no traffic through the proxy"
+            time.sleep(0.05)
+
     def run(self) -> None:
         i = 0
         while True:

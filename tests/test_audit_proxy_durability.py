@@ -134,10 +134,7 @@ def test_sigkill_loses_no_completed_call(tmp_path: Path, test_certs: CertFiles, 
     with run_bastion(tmp_path / "run1", [rules], home=home, extra_args=extra) as server:
         traffic = Traffic(server, audit_upstream)
         traffic.start()
-        deadline = time.monotonic() + 30
-        while len(traffic.completed) < 30 or time.monotonic() - traffic.completed[0][0] < 1.5:
-            assert time.monotonic() < deadline and traffic.is_alive(), "no traffic through the proxy"
-            time.sleep(0.05)
+        traffic.wait_for(30, first_done_before=1.5)
         killed_at = time.monotonic()
         server.proc.kill()
         server.proc.wait(10)

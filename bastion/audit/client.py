@@ -40,6 +40,7 @@ from typing import Any
 from bastion import metrics
 from bastion.audit import ipc
 from bastion.audit.bodies import BodyCapture
+from bastion.audit.drops import Drops
 from bastion.audit.ipc import Hello, Ready, Status
 from bastion.audit.settings import AuditConfig
 from bastion.audit.snapshot import ExchangeSnapshot
@@ -111,7 +112,7 @@ class AuditClient:
         self._flush_ids = itertools.count(1)
         self._ready: asyncio.Future[Ready] | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self._last_drop_log = 0.0
+        self._drops = Drops()
 
     # --- starting ---------------------------------------------------------------------------------------------
 
@@ -226,7 +227,7 @@ class AuditClient:
                 worker.sent += 1
                 metrics.AUDIT_BACKLOG.inc()
                 return True
-        self._dropped(reason or "writer_down", snapshot.id)
+        self._drops.count(reason or "writer_down", snapshot.id)
         return False
 
     async def flush(self) -> bool:
@@ -408,13 +409,6 @@ class AuditClient:
             if not fut.done():
                 fut.set_result(False)
         self._flushes.clear()
-
-    def _dropped(self, reason: str, record_id: str) -> None:
-        metrics.AUDIT_DROPPED.labels(reason=reason).inc()
-        now = time.monotonic()
-        if now - self._last_drop_log >= 10.0:
-            self._last_drop_log = now
-            log.error("audit: record %s not taken (%s); see bastion_audit_dropped_total", record_id, reason)
 
 
 def _grow(counter: Any, delta: float) -> None:

@@ -250,8 +250,7 @@ def decision_facts(decision: DecisionTuple | None, refusal: str | None, message:
     """The policy's decision; for a call refused before the rules ran (407, a retired agent, a malformed
     request) a deny whose `reason` is the refusal's `error.type`, so such calls list with the other denials."""
     if decision is not None:
-        return DecisionFacts(decision.effect, decision.would_effect, decision.mode, list(decision.rules),
-                             decision.reason, decision.message, list(decision.errors))
+        return DecisionFacts.from_decision(decision)
     if refusal is None:
         return None
     return DecisionFacts("deny", "deny", "enforce", [], refusal, message or None)

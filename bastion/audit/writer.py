@@ -44,6 +44,7 @@ from typing import Any
 from bastion import metrics
 from bastion.audit.bodies import BodyCapture, CapturedBody
 from bastion.audit.chain import Chain, ChainHead
+from bastion.audit.drops import Drops
 from bastion.audit.entry import Entry
 from bastion.audit.finalize import finalize
 from bastion.audit.record import AuditRecord
@@ -122,7 +123,7 @@ class AuditWriter:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-audit-drain")
         self._thread = threading.Thread(target=self._spool_main, name="bastion-audit-spool", daemon=True)
         self._drain_task: asyncio.Task[None] | None = None
-        self._last_drop_log = 0.0
+        self._drops = Drops()
         metrics.AUDIT_BACKLOG.inc(state.pending)
 
     @classmethod
@@ -222,7 +223,7 @@ class AuditWriter:
                     self._pending_bytes += nbytes
                     self._backlog += 1
         if reason is not None:
-            self._dropped(reason, item.id)
+            self._drops.count(reason, item.id)
             return False
         metrics.AUDIT_BACKLOG.inc()
         self._queue.put(_Job(item, request_body, response_body, nbytes, self._settings))
@@ -291,13 +292,6 @@ class AuditWriter:
         if self._spool.disk_bytes >= self._max_spool_bytes:
             return "spool_full"
         return None
-
-    def _dropped(self, reason: str, record_id: str) -> None:
-        metrics.AUDIT_DROPPED.labels(reason=reason).inc()
-        now = time.monotonic()
-        if now - self._last_drop_log >= 10.0:
-            self._last_drop_log = now
-            log.error("audit: record %s not taken (%s); see bastion_audit_dropped_total", record_id, reason)
 
     def _call_soon(self, fn: Any, *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more

@@ -76,7 +76,10 @@ class AuditService:
             await asyncio.to_thread(home.ensure)
         except OSError as e:
             raise AuditStartError(f"cannot open the audit spool in {home.path}: {e.strerror or e}", 1) from None
-        self._client = await AuditClient.spawn(self._data.audit, home.path, self._reader.display_url)
+        try:
+            self._client = await AuditClient.spawn(self._data.audit, home.path, self._reader.display_url)
+        except OSError as e:
+            raise AuditStartError(f"cannot start the audit worker process: {e.strerror or e}", 1) from None
 
     async def start(self, state: PolicyState) -> None:
         """Open the writer with the active policy's settings. Raises AuditStartError."""
