@@ -20,6 +20,8 @@ from support.bastion import BastionServer, run_bastion, run_cli
 from support.certs import CertFiles
 
 from bastion.audit import ipc
+from bastion.audit.bodies import capture_bytes
+from bastion.audit.snapshot import DecisionTuple, ExchangeSnapshot, ResponseFacts, to_record
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +154,27 @@ def test_frames_survive_any_split_and_garbage_is_refused() -> None:
     assert cut.feed(stream[:10]) == [] and cut.partial
     with pytest.raises(ipc.ProtocolError):
         ipc.FrameBuffer().feed(b"\x00\x00\x00\x03Xabc")
+
+
+def test_a_snapshot_crosses_the_pipe_unchanged() -> None:
+    """What the proxy sends is what the worker builds the record from: named parts and captured bodies too."""
+    streamed = capture_bytes(b"data: 1\n\n" * 10, 16, content_type="text/event-stream", complete=False)
+    snap = ExchangeSnapshot(
+        id="01a20d4e-0000-7000-8000-000000000009", outcome="client_gone", started=1795514400.25,
+        ended_us=1795514401_000000, request_end=1795514400.26, decided=1795514400.27, response_end=None,
+        agent="bot", auth="basic", claimed=None, client=("127.0.0.1", 40000), method="POST", scheme="https",
+        host="api.example.com", port=443, target="/v1/chat?stream=1", http_version="HTTP/2.0",
+        request_fields=((b"content-type", b"application/json"),), request_body=b'{"q": 1}',
+        response=ResponseFacts(200, "OK", "HTTP/2.0", ((b"content-type", b"text/event-stream"),), "upstream", True),
+        response_body=streamed, error=("client_gone", "Client disconnected."),
+        decision=DecisionTuple("allow", "allow", "enforce", ("chat",), "rule", None, ()), refusal=None,
+        locks=({"event": "acquired", "key": "ticket:1", "fence": 3},), approval=None, policy_revision="abc",
+        upstream=("10.0.0.5", 443), upstream_tried=True, forwarded_path=None)
+    [(kind, wire)] = ipc.FrameBuffer().feed(ipc.frame(ipc.EXCHANGE, snap.to_wire()))
+    back = ExchangeSnapshot.from_wire(wire)
+    assert kind == ipc.EXCHANGE and back == snap and back.response_body == streamed
+    record, request_body, response_body = to_record(back, 1 << 20)
+    assert record.request.url == "https://api.example.com/v1/chat?stream=1" and record.upstream == "10.0.0.5:443"
+    assert record.response is not None and record.response.streamed and record.locks[0].fence == 3
+    assert request_body is not None and request_body.raw == b'{"q": 1}'
+    assert response_body == streamed and not response_body.complete and response_body.size == 90

@@ -64,8 +64,8 @@ def response_facts(resp: http.Response, *, source: str, streamed: bool = False) 
 def snapshot(flow: http.HTTPFlow, exchange: Exchange | None, *, outcome: str, response: ResponseFacts | None,
              error: tuple[str, str] | None, response_body: Body, pinned: str | None,
              ended_us: int) -> ExchangeSnapshot:
-    """The snapshot of `flow`. `request_body` is the request's raw content; pass bodies that should not travel
-    whole (large ones) through `Capture` first."""
+    """The snapshot of `flow`. Its request body is the request's content as received; the capture digests bodies
+    too large to travel whole before submitting (`Capture._submit_large`)."""
     meta = flow.metadata
     req = flow.request
     refusal = meta.get(flowmeta.REFUSAL)
