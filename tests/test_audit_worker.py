@@ -6,6 +6,7 @@ The worker is found as the child process of the server whose command line names 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,6 +22,9 @@ from support.certs import CertFiles
 
 from bastion.audit import ipc
 from bastion.audit.bodies import capture_bytes
+from bastion.audit.client import AuditClient
+from bastion.audit.settings import AuditConfig
+from bastion.audit.sinks import RecordQuery, open_store
 from bastion.audit.snapshot import DecisionTuple, ExchangeSnapshot, ResponseFacts, to_record
 
 
@@ -178,3 +182,47 @@ def test_a_snapshot_crosses_the_pipe_unchanged() -> None:
     assert record.response is not None and record.response.streamed and record.locks[0].fence == 3
     assert request_body is not None and request_body.raw == b'{"q": 1}'
     assert response_body == streamed and not response_body.complete and response_body.size == 90
+
+
+async def test_a_worker_that_falls_behind_makes_deny_refuse_instead_of_losing_records(tmp_path: Path) -> None:
+    """The worker stops reading (SIGSTOP): exchanges pile up in the proxy until `max_pending_bytes`; from then on
+    the client says `overloaded` and, with on_failure deny, the proxy would refuse calls. Every exchange it did
+    take reaches the store once the worker runs again."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    client = await AuditClient.spawn(url, tmp_path, url, max_pending_bytes=256 << 10)
+    await client.start(AuditConfig(on_failure="deny"))
+    pid = client.worker_pid
+    assert pid is not None
+    base = ExchangeSnapshot(
+        id="", outcome="forwarded", started=1795514400.0, ended_us=1795514400_500000, request_end=1795514400.01,
+        decided=1795514400.02, response_end=1795514400.4, agent="bot", auth="basic", claimed=None,
+        client=("127.0.0.1", 40000), method="POST", scheme="https", host="api.example.com", port=443,
+        target="/v1/upload", http_version="HTTP/1.1", request_fields=((b"content-type", b"text/plain"),),
+        request_body=os.urandom(64 << 10), response=ResponseFacts(200, "OK", "HTTP/1.1", ()),
+        response_body=None, error=None, decision=None, refusal=None, locks=(), approval=None,
+        policy_revision=None, upstream=("10.0.0.5", 443), upstream_tried=True, forwarded_path=None)
+    os.kill(pid, signal.SIGSTOP)
+    taken: list[str] = []
+    try:
+        for i in range(200):  # 12.8 MB at most; the pipe holds 1 MiB and the client 256 KiB more
+            if client.must_refuse():
+                break
+            snap = base._replace(id=f"01a20d4e-0000-7000-8000-{i:012d}")
+            assert client.submit_exchange(snap)
+            taken.append(snap.id)
+            await asyncio.sleep(0.005)  # lets the client write what it queued
+        assert client.must_refuse() and client.refusal() == "overloaded"
+        assert not client.submit_exchange(base._replace(id="01a20d4e-0000-7000-8000-999999999999"))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    async with asyncio.timeout(60):
+        assert await client.flush()
+    assert not client.must_refuse()
+    await client.close()
+    store = open_store(url)
+    await store.open()
+    try:
+        page = await store.query(RecordQuery(limit=500, ascending=True))
+    finally:
+        await store.close()
+    assert [r.id for r in page.records] == taken

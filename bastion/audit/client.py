@@ -12,8 +12,8 @@ What the proxy asks synchronously is answered from the worker's last STATUS (sen
 - `backlog`: exchanges sent but not yet taken by the worker, plus the worker's own backlog (taken, not yet in
   the sink); it is the `bastion_audit_backlog` gauge.
 - `available` / `must_refuse()`: False while the worker cannot take records (its spool failed or is full),
-  is not running, or the client is closing; with `audit.on_failure: deny` the proxy then answers 503
-  `audit_unavailable`.
+  is not running, has fallen `MAX_PENDING_BYTES` behind, or the client is closing; with
+  `audit.on_failure: deny` the proxy then answers 503 `audit_unavailable`.
 - the worker's counters (`bastion_audit_records_total`, `..._write_errors_total`, `..._dropped_total`) are
   added to this process's metrics as they grow.
 
@@ -60,7 +60,8 @@ SEND_NOW_BYTES = 256 << 10
 PIPE_BYTES = 1 << 20
 """Size asked for the pipe to the worker (Linux's default limit for unprivileged processes)."""
 MAX_PENDING_BYTES = 256 << 20
-"""Frames not yet written to the worker beyond which exchanges are dropped (`overloaded`)."""
+"""Bytes of frames the worker has not read (beyond the pipe) at which the client stops taking exchanges
+(`overloaded`): with `audit.on_failure: deny` the proxy then refuses calls until the worker catches up."""
 
 
 class AuditStartError(Exception):
@@ -117,9 +118,10 @@ class AuditClient:
     # --- starting ---------------------------------------------------------------------------------------------
 
     @classmethod
-    async def spawn(cls, audit_url: str, home: Path, display_url: str) -> AuditClient:
+    async def spawn(cls, audit_url: str, home: Path, display_url: str, *,
+                    max_pending_bytes: int = MAX_PENDING_BYTES) -> AuditClient:
         """Start the worker process (it imports while the proxy prepares the rest); `start` completes it."""
-        client = cls(audit_url, home, display_url)
+        client = cls(audit_url, home, display_url, max_pending_bytes=max_pending_bytes)
         client._worker = await client._launch()
         return client
 
@@ -181,6 +183,11 @@ class AuditClient:
     def config(self) -> AuditConfig:
         return self._config
 
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker process's id (None before it was started)."""
+        return self._worker.proc.pid if self._worker is not None else None
+
     def configure(self, config: AuditConfig) -> None:
         """Apply new settings (after a policy reload) to exchanges submitted from now on."""
         self._config = config
@@ -199,6 +206,8 @@ class AuditClient:
         worker = self._running()
         if worker is None:
             return "writer_down"
+        if self._waiting_bytes(worker) > self._max_pending:
+            return "overloaded"  # the worker fell behind: refuse (deny) rather than lose what it has not read
         return worker.status.refusal
 
     @property
@@ -218,17 +227,13 @@ class AuditClient:
         """Send one finished exchange to the worker. Never blocks. False (counted) when it cannot be taken."""
         reason = self.refusal()
         worker = self._worker
-        if reason is None and worker is not None:
-            transport = worker.proc.stdin.transport if worker.proc.stdin is not None else None
-            if transport is not None and transport.get_write_buffer_size() > self._max_pending:
-                reason = "overloaded"
-            else:
-                self._queue(ipc.frame(ipc.EXCHANGE, snapshot.to_wire()))
-                worker.sent += 1
-                metrics.AUDIT_BACKLOG.inc()
-                return True
-        self._drops.count(reason or "writer_down", snapshot.id)
-        return False
+        if reason is not None or worker is None:
+            self._drops.count(reason or "writer_down", snapshot.id)
+            return False
+        self._queue(ipc.frame(ipc.EXCHANGE, snapshot.to_wire()))
+        worker.sent += 1
+        metrics.AUDIT_BACKLOG.inc()
+        return True
 
     async def flush(self) -> bool:
         """Wait until every exchange submitted before this call is in the sink; False when the worker cannot
@@ -282,6 +287,12 @@ class AuditClient:
         if worker is None or worker.ready is None or worker.proc.returncode is not None:
             return None
         return worker
+
+    def _waiting_bytes(self, worker: _Incarnation) -> int:
+        """Frames queued here or in the pipe transport's buffer: what the worker has not read yet, beyond what
+        the pipe itself holds."""
+        stdin = worker.proc.stdin
+        return self._queued + (stdin.transport.get_write_buffer_size() if stdin is not None else 0)
 
     def _queue(self, data: bytes, *, now: bool = False) -> None:
         """Queue a frame; it goes out with the others within `SEND_EVERY` (at once when `now` or when much

@@ -105,7 +105,8 @@ class AuditService:
         reason = client.refusal()
         if reason is None:
             return True, f"{client.backlog} record(s) waiting for {client.display_url}"
-        why = "the audit worker is not running" if reason == "writer_down" else f"records cannot be spooled ({reason})"
+        why = {"writer_down": "the audit worker is not running",
+               "overloaded": "the audit worker has fallen behind"}.get(reason, f"records cannot be spooled ({reason})")
         if client.config.on_failure == "allow":
             return True, f"{why}; calls pass unaudited (audit.on_failure: allow)"
         return False, f"{why}; calls are refused with 503 audit_unavailable"
