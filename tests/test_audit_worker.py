@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -132,17 +133,29 @@ def test_a_killed_proxy_leaves_its_spool_to_its_successor(tmp_path: Path, test_c
     owed = [rid for done, rid in traffic.completed if done < killed_at - 1.0]
     assert owed
 
-    thaw = threading.Timer(2.0, os.kill, (orphan, signal.SIGCONT))
+    # The old worker resumes only once the new one says it is waiting for it: the new proxy cannot be ready before.
+    waiting_line = r"audit spool \S+ is held by the worker of a proxy that is gone"
+    thaw = threading.Thread(target=thaw_when_logged, args=(tmp_path / "run2" / "stderr.log", waiting_line, orphan),
+                            daemon=True)
     thaw.start()
     try:
         with run_bastion(tmp_path / "run2", [rules], home=home, ready_timeout=60) as server:
+            assert re.search(waiting_line, server.logs())
             wait_gone(orphan)
             assert not (home / "spool.1").exists() and "spool.1" not in server.logs()
             wait_for_records(url, owed, timeout=60)
     finally:
-        thaw.cancel()
         if not gone(orphan):
             os.kill(orphan, signal.SIGCONT)
+
+
+def thaw_when_logged(log: Path, pattern: str, pid: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and re.search(pattern, log.read_text(errors="replace")):
+            break
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGCONT)
 
 
 def test_frames_survive_any_split_and_garbage_is_refused() -> None:

@@ -89,12 +89,17 @@ async def open_writer(hello: Hello) -> AuditWriter:
 async def _open_slot(hello: Hello, spool: Path) -> AuditWriter:
     """Open `spool`, waiting for it while its holder is a worker whose proxy is gone (it exits shortly)."""
     deadline = time.monotonic() + ORPHAN_WAIT
+    waiting = False
     while True:
         try:
             return await AuditWriter.open(hello.audit_url, spool, config=hello.config)
         except SpoolLockedError:
             if not _held_by_orphan(spool) or time.monotonic() >= deadline:
                 raise
+        if not waiting:
+            waiting = True
+            log.info("audit spool %s is held by the worker of a proxy that is gone; waiting up to %gs for it to "
+                     "spool what it has and exit", spool, ORPHAN_WAIT)
         await asyncio.sleep(0.05)
 
 
