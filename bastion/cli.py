@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "bastion.policy.commands",
     "bastion.proxy.commands",
     "bastion.coord.commands",
+    "bastion.coord.approval_commands",
     "bastion.audit.commands",
 )
 

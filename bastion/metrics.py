@@ -43,7 +43,14 @@ STORE_ERRORS = Counter("bastion_store_errors", "Store operations that failed (st
                        ["operation"], registry=REGISTRY)
 APPROVALS_PENDING = Gauge("bastion_approvals_pending", "Approvals waiting for a human decision.",
                           registry=REGISTRY)
-APPROVALS = Counter("bastion_approvals", "Approvals decided, by outcome.", ["outcome"], registry=REGISTRY)
+APPROVALS = Counter("bastion_approvals", "Approval outcomes: approved, denied, cancelled (counted where a person "
+                    "decided), executed (a held call passed under an approval), granted (passed under a grant), "
+                    "expired.", ["outcome"], registry=REGISTRY)
+APPROVAL_WAIT_SECONDS = Histogram("bastion_approval_wait_seconds", "How long held calls kept the agent waiting.",
+                                  buckets=(0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY)
+APPROVAL_NOTIFICATIONS = Counter("bastion_approval_notifications", "Approval webhook deliveries by result: sent, "
+                                 "retried, failed (gave up), dropped (queue full), unsigned (secret missing).",
+                                 ["result"], registry=REGISTRY)
 
 # --- audit --------------------------------------------------------------------------------------------------
 AUDIT_RECORDS = Counter("bastion_audit_records", "Audit records written to the sink.", registry=REGISTRY)

@@ -29,18 +29,23 @@ from bastion.coord.store import (
 )
 
 if TYPE_CHECKING:
-    from bastion.policy.engine import Policy
+    from bastion.policy.engine import Policy, UserSpec
 
 EXIT_OK, EXIT_FAIL = 0, 1
 ADMIN_ROLE = "admin"
 
 
+def add_user_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that acts on the shared store as a user."""
+    add_home_args(parser)  # --audit too: every data command takes the same data flags
+    add_rules_arg(parser)
+    parser.add_argument("--user-token", metavar="TOKEN",
+                        help="act as the user with this token (BASTION_USER_TOKEN; the variable keeps it out of ps)")
+
+
 def register(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    add_home_args(common)  # --audit too: DESIGN promises the same data flags on every data command
-    add_rules_arg(common)
-    common.add_argument("--user-token", metavar="TOKEN",
-                        help="act as the user with this token (BASTION_USER_TOKEN; the variable keeps it out of ps)")
+    add_user_args(common)
 
     locks = sub.add_parser("locks", help="list, release or hand off task locks")
     actions = locks.add_subparsers(dest="locks_action", metavar="ACTION")
@@ -58,12 +63,12 @@ def register(sub: Any) -> None:
                            help="pass a lock to another agent, which claims it with its next request (admin)")
     p.add_argument("key", help="the lock key, as `locks list` shows it")
     p.add_argument("--to", required=True, metavar="AGENT", help="the agent that takes the lock over")
-    p.add_argument("--ttl", type=_duration, default=DEFAULT_HANDOFF_TTL, metavar="DURATION",
+    p.add_argument("--ttl", type=duration_arg, default=DEFAULT_HANDOFF_TTL, metavar="DURATION",
                    help="how long the offer waits for the agent before the lock frees itself (default 5m)")
     p.set_defaults(handler=cmd_handoff)
 
 
-def _duration(text: str) -> float:
+def duration_arg(text: str) -> float:
     from bastion.policy.schema import parse_duration
 
     try:
@@ -72,46 +77,53 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_FAIL
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """The command may not run: the message says why and what to do."""
 
 
-def _authorize(args: argparse.Namespace, *, admin_for: str | None) -> Policy:
+def authorize(args: argparse.Namespace, *, admin_for: str | None) -> Policy:
     """The rules, once the user token is valid (and, for `admin_for`, the user has the admin role)."""
+    return authorize_user(args, admin_for=admin_for)[0]
+
+
+def authorize_user(args: argparse.Namespace, *, admin_for: str | None) -> tuple[Policy, UserSpec]:
+    """The rules and the acting user, once the user token is valid (see `authorize`)."""
     from bastion.policy.load import PolicyLoadError, load_policy
 
     token = args.user_token or os.environ.get("BASTION_USER_TOKEN")
     if not token:
-        raise _Refused("this command acts as a user: pass --user-token TOKEN or set BASTION_USER_TOKEN")
+        raise Refused("this command acts as a user: pass --user-token TOKEN or set BASTION_USER_TOKEN")
     rules = resolve_rules(args.rules)
     if not rules:
-        raise _Refused("checking the user token needs the rules: pass --rules PATH or set BASTION_RULES")
+        raise Refused("checking the user token needs the rules: pass --rules PATH or set BASTION_RULES")
     try:
         policy = load_policy(rules)
     except PolicyLoadError as e:
-        raise _Refused(f"the rules are invalid:\n{e}") from None
+        raise Refused(f"the rules are invalid:\n{e}") from None
     user = policy.authenticate_user(token)
     if user is None:
-        raise _Refused("the user token is not valid for these rules")
+        raise Refused("the user token is not valid for these rules")
     if admin_for and ADMIN_ROLE not in user.roles:
-        raise _Refused(f"user {user.name!r} may not {admin_for}: that needs the {ADMIN_ROLE!r} role")
-    return policy
+        raise Refused(f"user {user.name!r} may not {admin_for}: that needs the {ADMIN_ROLE!r} role")
+    return policy, user
 
 
-def _run(args: argparse.Namespace, action: Callable[[LockStore], Awaitable[int]]) -> int:
-    """Open the store, run `action` on it, close it; store trouble becomes one line and exit 1."""
+def run_on_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[int]],
+                 opener: Callable[[str], Any] = open_store) -> int:
+    """Open the store (`opener(url)`: the lock store by default), run `action` on it, close it; store trouble
+    becomes one line and exit 1."""
     try:
         data = data_settings(args)
-        store = open_store(data.store)
+        store = opener(data.store)
         if data.store == f"sqlite:///{data.home.database}":
             data.home.ensure()
     except (ConfigError, OSError) as e:
-        return _fail(str(e))
+        return fail(str(e))
 
     async def main() -> int:
         async with store:
@@ -120,7 +132,7 @@ def _run(args: argparse.Namespace, action: Callable[[LockStore], Awaitable[int]]
     try:
         return asyncio.run(main())
     except (StoreUnavailable, ValueError) as e:  # ValueError: a key the store refuses (empty, too long)
-        return _fail(str(e))
+        return fail(str(e))
 
 
 def _show(key: str) -> str:
@@ -138,9 +150,9 @@ def _line(lock: LockInfo, now: float) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     try:
-        _authorize(args, admin_for=None)
-    except _Refused as e:
-        return _fail(str(e))
+        authorize(args, admin_for=None)
+    except Refused as e:
+        return fail(str(e))
 
     async def action(store: LockStore) -> int:
         locks = await store.list_locks()
@@ -154,43 +166,43 @@ def cmd_list(args: argparse.Namespace) -> int:
                 print("no live locks", file=sys.stderr)
         return EXIT_OK
 
-    return _run(args, action)
+    return run_on_store(args, action)
 
 
 def cmd_release(args: argparse.Namespace) -> int:
     try:
-        _authorize(args, admin_for="release locks")
-    except _Refused as e:
-        return _fail(str(e))
+        authorize(args, admin_for="release locks")
+    except Refused as e:
+        return fail(str(e))
 
     async def action(store: LockStore) -> int:
         freed = await store.admin_release(args.key)
         if freed is None:
-            return _fail(f"no live lock {_show(args.key)}")
+            return fail(f"no live lock {_show(args.key)}")
         offered = f", offered to {freed.handoff_to}" if freed.handoff_to else ""
         print(f"released {_show(freed.key)} (held by {freed.holder}{offered}, fence {freed.fence})")
         return EXIT_OK
 
-    return _run(args, action)
+    return run_on_store(args, action)
 
 
 def cmd_handoff(args: argparse.Namespace) -> int:
     try:
-        policy = _authorize(args, admin_for="hand off locks")
-    except _Refused as e:
-        return _fail(str(e))
+        policy = authorize(args, admin_for="hand off locks")
+    except Refused as e:
+        return fail(str(e))
     agent = policy.agents.get(args.to)
     if agent is None:
-        return _fail(f"unknown agent {args.to!r}: the rules define no such agent")
+        return fail(f"unknown agent {args.to!r}: the rules define no such agent")
     if agent.status == "retired":
-        return _fail(f"agent {args.to!r} is retired and cannot take a lock over")
+        return fail(f"agent {args.to!r} is retired and cannot take a lock over")
 
     async def action(store: LockStore) -> int:
         offer = await store.handoff(args.key, args.to, args.ttl)
         if offer is None:
-            return _fail(f"no live lock {_show(args.key)}: only a held lock can be handed off")
+            return fail(f"no live lock {_show(args.key)}: only a held lock can be handed off")
         print(f"handed off {_show(offer.key)} from {offer.holder} to {offer.handoff_to}: its next request "
               f"claims the lock; the offer lapses at {iso_time(offer.expires_at)}")
         return EXIT_OK
 
-    return _run(args, action)
+    return run_on_store(args, action)

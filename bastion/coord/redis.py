@@ -126,6 +126,25 @@ def _split_prefix(url: str, default: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), prefixes[-1]
 
 
+def redis_client(url: str, *, key_prefix: str, client_name: str = "bastion", timeout: float = 2.0,
+                 retries: int = 2) -> tuple[Redis, str, str]:
+    """(client, key prefix, URL without password) for a store URL; see `RedisLockStore.from_url`."""
+    url, key_prefix = _split_prefix(url, key_prefix)
+    where = redact_url(url)
+    try:
+        client = Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(EqualJitterBackoff(cap=0.25, base=0.025), retries),
+            client_name=client_name,
+        )
+    except ValueError as e:
+        raise StoreURLError(f"bad store URL {where!r}: {e}") from None
+    return client, key_prefix, where
+
+
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -172,19 +191,8 @@ class RedisLockStore(LockStore):
         after a connection error, so a dead Redis turns into `StoreUnavailable` within a few seconds instead of
         redis-py's default ten retries. `client_name` shows up in `CLIENT LIST`.
         """
-        url, key_prefix = _split_prefix(url, key_prefix)
-        where = redact_url(url)
-        try:
-            client = Redis.from_url(
-                url,
-                decode_responses=True,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(EqualJitterBackoff(cap=0.25, base=0.025), retries),
-                client_name=client_name,
-            )
-        except ValueError as e:
-            raise StoreURLError(f"bad store URL {where!r}: {e}") from None
+        client, key_prefix, where = redis_client(url, key_prefix=key_prefix, client_name=client_name,
+                                                 timeout=timeout, retries=retries)
         return cls(client, key_prefix=key_prefix, where=where)
 
     def _lock_key(self, key: str) -> str:

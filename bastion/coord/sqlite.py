@@ -1,14 +1,7 @@
 """Task locks in a SQLite file: the embedded default, shared by every Bastion process on one host.
 
-Across processes: the file is in WAL mode and every change runs in `BEGIN IMMEDIATE`, which takes the write
-lock *before* reading, so check-then-write is atomic between processes (a deferred transaction that reads and
-then writes can fail with SQLITE_BUSY whatever the busy timeout). The busy timeout makes a contender wait for
-that lock; past it, the call fails with `StoreUnavailable`. WAL needs every process on the same host: never
-put the file on a network filesystem.
-
-Off the event loop: sqlite3 calls block, so each store owns one thread that owns the connection (sqlite3
-connections stay in the thread that made them) and runs this process's calls in order; the write lock would
-serialise them anyway.
+Every change is one `BEGIN IMMEDIATE` transaction on a WAL file, run on the store's own thread (see
+`bastion.coord.sqlitefile`), so check-then-write is atomic between processes and never blocks the loop.
 
 Time: leases are measured on CLOCK_MONOTONIC, which on Linux is one clock for all processes and never jumps
 when someone sets the wall clock. Rows record the boot id, and a lease written before a reboot is expired by
@@ -20,17 +13,15 @@ transaction. That makes them unique and increasing for every key, and of the sam
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from bastion.coord.store import Conflict, Lease, LockInfo, LockStore, StoreUnavailable
+from bastion.coord.sqlitefile import SqliteFile
+from bastion.coord.store import Conflict, Lease, LockInfo, LockStore
 
 T = TypeVar("T")
 
@@ -78,11 +69,6 @@ class HostClock:
         return time.monotonic_ns() if self.monotonic else time.time_ns()
 
 
-def _is_busy(error: sqlite3.Error) -> bool:
-    """Contention (another connection holds the lock), as opposed to a broken file or connection."""
-    return getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
 def _wall(at_ns: int, now_ns: int) -> float:
     return time.time() + (at_ns - now_ns) / 1e9
 
@@ -93,90 +79,23 @@ class SqliteLockStore(LockStore):
     backend = "sqlite"
 
     def __init__(self, path: Path | str, *, busy_timeout: float = 5.0, clock: HostClock | None = None) -> None:
-        self._path = Path(path)
-        self._busy_timeout = busy_timeout
+        self._file = SqliteFile(path, schema=_SCHEMA, tables={"lock_leases", "lock_fence"}, what="lock store",
+                                busy_timeout=busy_timeout)
         self._clock = clock or HostClock.detect()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-locks-sqlite")
-        self._conn: sqlite3.Connection | None = None  # used only on the executor thread
         self._next_purge_ns = 0
-        self._closed = False
 
     @property
     def path(self) -> Path:
-        return self._path
+        return self._file.path
 
     # --- thread plumbing ------------------------------------------------------------------------------------
 
     async def _run(self, work: Callable[[sqlite3.Connection, int], T], *, write: bool) -> T:
-        if self._closed:
-            raise RuntimeError("the lock store is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._transaction, work, write)
-
-    def _transaction(self, work: Callable[[sqlite3.Connection, int], T], write: bool) -> T:
-        """Run `work(conn, now_ns)` in one transaction on the store thread; `now` is read once the lock is ours."""
-        try:
-            conn = self._connection()
-            if not write:
-                return work(conn, self._clock.now_ns())
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(conn, self._clock.now_ns())
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            return result
-        except sqlite3.Error as e:
-            if not _is_busy(e):
-                # Not just contention: start from a fresh connection, the file may have been fixed or replaced.
-                self._close_connection()
-            raise StoreUnavailable(f"lock store sqlite:///{self._path} unavailable: {e}") from e
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
-            try:
-                self._enable_wal(conn)
-                conn.execute("PRAGMA synchronous=NORMAL")
-                tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if not {"lock_leases", "lock_fence"} <= tables:  # creating takes the write lock: only once
-                    conn.execute("BEGIN IMMEDIATE")
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                    conn.execute("COMMIT")
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _enable_wal(self, conn: sqlite3.Connection) -> None:
-        """Switch the file to WAL (a no-op once it is). The switch needs an exclusive lock and SQLite does not
-        run the busy handler for it, so processes opening a new file together retry here up to the timeout."""
-        deadline = time.monotonic() + self._busy_timeout
-        while True:
-            try:
-                conn.execute("PRAGMA journal_mode=WAL").fetchone()
-                return
-            except sqlite3.OperationalError as e:
-                if not _is_busy(e) or time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.005)
-
-    def _close_connection(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+        """`work(conn, now_ns)` on the store thread, in one transaction; `now` is read once the lock is ours."""
+        return await self._file.run(lambda conn: work(conn, self._clock.now_ns()), write=write)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_connection)
-        self._executor.shutdown(wait=False)
+        await self._file.close()
 
     # --- rows -----------------------------------------------------------------------------------------------
 

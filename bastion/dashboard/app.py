@@ -11,7 +11,7 @@ reads in-memory state or awaits. Routes (DESIGN.md "Admin listener"):
 - `POST /api/rules/reload`: reload now (role `admin`); 200 when the new policy is active, 422 with the
   `FILE:LINE` errors when it is invalid (the old policy stays).
 
-Other areas add their routes to the app `create_app` returns (flows, approvals, locks, agents).
+Other areas add their routes (`locks_api`, `flows_api`, `approvals_api`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ READY_CHECKS = web.AppKey("bastion_ready_checks", list)
 
 
 def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyCheck]] = (),
-               lock_store: Any = None, audit_store: Any = None) -> web.Application:
+               lock_store: Any = None, audit_store: Any = None, approval_store: Any = None,
+               notify: Any = None) -> web.Application:
     def directory() -> UserDirectory:
         return source.policy  # type: ignore[no-any-return]
 
@@ -69,6 +70,10 @@ def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyC
         from bastion.dashboard import flows_api
 
         flows_api.install(app, audit_store)
+    if approval_store is not None:  # a `bastion.coord.approvals.ApprovalStore`; `notify` tells the webhook
+        from bastion.dashboard import approvals_api
+
+        approvals_api.install(app, approval_store, notify)
     return app
 
 

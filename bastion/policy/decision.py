@@ -36,12 +36,19 @@ class ReleaseAction:
 @dataclass(frozen=True, slots=True)
 class ApprovalSpec:
     """How a held call is approved. Every group in `approvers` must be satisfied by the approving user
-    (one group per determining hold rule; a group is satisfied when any selector in it matches)."""
+    (one group per determining hold rule; a group is satisfied when any selector in it matches).
+
+    `wait`: how long the agent's connection is held; `timeout`: when an undecided approval expires;
+    `required`: distinct approvers needed; `use_within`: how long an approved call may take to be re-sent
+    before the approval lapses; `grants`: whether an approver may let later calls pass for a while."""
 
     approvers: tuple[tuple[str, ...], ...]
     wait: float
     timeout: float
     rules: tuple[str, ...]
+    required: int = 1
+    use_within: float = 900.0
+    grants: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +112,9 @@ class Decision:
                 "wait": self.approval.wait,
                 "timeout": self.approval.timeout,
                 "rules": list(self.approval.rules),
+                "required": self.approval.required,
+                "use_within": self.approval.use_within,
+                "grants": self.approval.grants,
             },
             "revision": self.revision,
         }

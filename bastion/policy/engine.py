@@ -78,6 +78,16 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalSettings:
+    """The policy's `approvals:` block. `webhook_secret_env` names the variable holding the HMAC secret."""
+
+    webhook_url: str | None = None
+    webhook_secret_env: str | None = None
+    webhook_timeout: float = 5.0
+    link: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class UnlessBlock:
     matchers: tuple[Matcher, ...]
 
@@ -214,6 +224,7 @@ class Policy:
         audit: AuditSettings,
         revision: str,
         sources: tuple[str, ...],
+        approvals: ApprovalSettings | None = None,
     ) -> None:
         self.default_effect: Effect = default_effect
         self.default_mode: Mode = default_mode
@@ -222,6 +233,7 @@ class Policy:
         self.rules: tuple[CompiledRule, ...] = tuple(rules)
         self.network_allow_private = network_allow_private
         self.audit = audit
+        self.approvals = approvals or ApprovalSettings()
         self.revision = revision
         self.sources = sources
         self._index = {name: _AgentIndex(r for r in rules if self._selects(r.selectors, a)) for name, a in
@@ -376,6 +388,9 @@ class Policy:
                     wait=min(s.wait for s in specs),
                     timeout=min(s.timeout for s in specs),
                     rules=tuple(r.id for r, _ in winners),
+                    required=max(s.required for s in specs),
+                    use_within=min(s.use_within for s in specs),
+                    grants=all(s.grants for s in specs),
                 )
         return Decision(
             effect=would if enforce else "allow", would_effect=would, mode=agent.mode, agent=agent.name,
@@ -415,4 +430,5 @@ def _reasons(rule: CompiledRule, facts: RequestFacts) -> list[str]:
     return reasons
 
 
-__all__ = ["AgentSpec", "AuditSettings", "CompiledRule", "Policy", "UnlessBlock", "UserSpec", "selects"]
+__all__ = ["AgentSpec", "ApprovalSettings", "AuditSettings", "CompiledRule", "Policy", "UnlessBlock", "UserSpec",
+           "selects"]

@@ -23,6 +23,7 @@ import pydantic
 from bastion.policy.decision import ApprovalSpec
 from bastion.policy.engine import (
     AgentSpec,
+    ApprovalSettings,
     AuditSettings,
     CompiledRule,
     Policy,
@@ -217,6 +218,9 @@ def _compile(
     audits = [s for s in sources if s.model.audit is not None]
     for extra in audits[1:]:
         issues.append(extra.at(("audit",), f"`audit` is already set in {audits[0].file}"))
+    approval_blocks = [s for s in sources if s.model.approvals is not None]
+    for extra in approval_blocks[1:]:
+        issues.append(extra.at(("approvals",), f"`approvals` is already set in {approval_blocks[0].file}"))
     defaults = defaults_at[0].model.defaults
     assert defaults is not None
 
@@ -294,11 +298,19 @@ def _compile(
             retention_records=am.retention.records if am.retention else None,
             retention_bodies=am.retention.bodies if am.retention else None,
         )
+    approvals = ApprovalSettings()
+    if approval_blocks:
+        block = approval_blocks[0].model.approvals
+        assert block is not None
+        hook = block.webhook
+        approvals = ApprovalSettings(webhook_url=hook.url if hook else None,
+                                     webhook_secret_env=hook.secret_env if hook else None,
+                                     webhook_timeout=hook.timeout if hook else 5.0, link=block.link)
     if issues:
         return None
     return Policy(default_effect=defaults.effect, default_mode=defaults.mode, agents=agents, users=users,
                   rules=rules, network_allow_private=tuple(networks), audit=audit, revision=revision,
-                  sources=files)
+                  sources=files, approvals=approvals)
 
 
 def _compile_rule(
@@ -385,7 +397,8 @@ def _compile_rule(
                     problems.append(CompileError(f"no user has role {sel[5:]!r}", sub))
             elif sel != "*" and sel not in users:
                 problems.append(CompileError(f"approver {sel!r} is not a defined user", sub))
-        approval = ApprovalSpec((tuple(am.approvers),), am.wait, am.timeout, (rm.id,))
+        approval = ApprovalSpec((tuple(am.approvers),), am.wait, am.timeout, (rm.id,), am.required,
+                                am.use_within, am.grants)
     if problems:
         return problems
     return CompiledRule(

@@ -114,6 +114,36 @@ class ApprovalModel(Strict):
     approvers: list[str] = Field(default_factory=lambda: ["role:approver"], min_length=1)
     wait: Duration = 30.0
     timeout: Duration = 3600.0
+    required: int = Field(default=1, ge=1, le=10)
+    use_within: Duration = 900.0
+    grants: bool = True
+
+
+class WebhookModel(Strict):
+    url: str
+    secret_env: str | None = None
+    timeout: Duration = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("the webhook url must start with http:// or https:// and name a host")
+        return v
+
+    @field_validator("secret_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+            raise ValueError("secret_env names an environment variable (letters, digits, _), not the secret itself")
+        return v
+
+
+class ApprovalsModel(Strict):
+    """Fleet-wide approval settings: where people are told about approvals, and where they decide them."""
+
+    webhook: WebhookModel | None = None
+    link: str | None = None
 
 
 class RuleModel(Strict):
@@ -166,3 +196,4 @@ class PolicyFile(Strict):
     rules: list[RuleModel] = Field(default_factory=list)
     network: NetworkModel | None = None
     audit: AuditModel | None = None
+    approvals: ApprovalsModel | None = None

@@ -86,9 +86,10 @@ class Proxy:
 
 
 def build_proxy(settings: ServeSettings, state: PolicyState, protected: ProtectedTargets,
-                upstream_trust: Path | None, lock_store: LockStore | None = None, capture: Any = None) -> Proxy:
+                upstream_trust: Path | None, lock_store: LockStore | None = None, capture: Any = None,
+                holds: Any = None) -> Proxy:
     """The embedded mitmproxy Master with its addons (must be called inside the running loop). `capture` is the
-    audit's `bastion.proxy.capture.Capture`."""
+    audit's `bastion.proxy.capture.Capture`; `holds` the `bastion.proxy.approvals.HoldForApproval` stage."""
     from mitmproxy import options
     from mitmproxy.addons import next_layer, proxyserver, tlsconfig
     from mitmproxy.master import Master
@@ -126,6 +127,8 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
         gate,
         # observers (audit capture) go after the gate, so they see the final outcome of every request.
     ]
+    if holds is not None:  # approvals first: a lock is taken only for a call no person still has to decide on
+        stages.insert(stages.index(gate), holds)
     if lock_store is not None:
         from bastion.proxy.locks import TaskLocks
 
@@ -188,29 +191,34 @@ class _DropListenErrors(logging.Filter):
 async def serve(settings: ServeSettings, *, audit: bool = True) -> int:
     """Run until SIGTERM/SIGINT. `audit=False` leaves the audit capture out: only for benchmarks measuring
     what capture costs (bench/audit_proxy_bench.py); no flag or variable exposes it."""
+    from bastion.coord.approvals import open_approval_store
     from bastion.coord.store import open_store
     from bastion.proxy.auditing import AuditService
 
     try:
         store = open_store(settings.data.store)  # no I/O yet; closed after the last in-flight call
+        approvals = open_approval_store(settings.data.store)
     except ConfigError as e:
         print(f"bastion serve: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     # Opened once the policy is loaded; drained and closed after the last in-flight call.
     audit_service = AuditService(settings.data, pinned=settings.agent) if audit else None
     try:
-        return await _serve(settings, store, audit_service)
+        return await _serve(settings, store, approvals, audit_service)
     except StartupError as e:
         print(f"bastion serve: {e}", file=sys.stderr, flush=True)
         return e.code
     finally:
         if audit_service is not None:
             await audit_service.close()
+        await approvals.close()
         await store.close()
 
 
-async def _serve(settings: ServeSettings, store: LockStore, audit: Any = None) -> int:
+async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, audit: Any = None) -> int:
+    from bastion.coord.notify import ApprovalNotifier
     from bastion.dashboard.app import create_app
+    from bastion.proxy.approvals import HoldForApproval, keep_pending_gauge
     from bastion.proxy.locks import check_store, keep_locks_gauge
 
     loop = asyncio.get_running_loop()
@@ -258,8 +266,11 @@ async def _serve(settings: ServeSettings, store: LockStore, audit: Any = None) -
         return proxy_running.is_set(), "listening" if proxy_running.is_set() else "starting"
 
     proxy_running = asyncio.Event()
+    notifier = ApprovalNotifier(lambda: state.policy.approvals if state.policy is not None else None)
+    holds = HoldForApproval(approvals, notify=notifier)
     runner = web.AppRunner(create_app(state, ready_checks=[("proxy", proxy_ready), *audit_checks], lock_store=store,
-                                      audit_store=audit.reader if audit is not None else None),
+                                      audit_store=audit.reader if audit is not None else None,
+                                      approval_store=approvals, notify=notifier),
                            access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     try:
@@ -272,7 +283,8 @@ async def _serve(settings: ServeSettings, store: LockStore, audit: Any = None) -
 
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(_DropListenErrors())
     logging.getLogger("mitmproxy.proxy.mode_servers").addFilter(_DropListenErrors())
-    proxy = build_proxy(settings, state, protected, trust, store, audit.capture if audit is not None else None)
+    proxy = build_proxy(settings, state, protected, trust, store, audit.capture if audit is not None else None,
+                        holds)
     if settings.listen[1] != 0:
         protected.add_local(settings.listen[1], "Bastion's proxy listener", settings.listen[0])
     run_task = asyncio.create_task(proxy.master.run(), name="mitmproxy")
@@ -297,6 +309,7 @@ async def _serve(settings: ServeSettings, store: LockStore, audit: Any = None) -
 
     background: set[asyncio.Task[Any]] = set()
     background.add(asyncio.create_task(keep_locks_gauge(store), name="locks-gauge"))
+    background.add(asyncio.create_task(keep_pending_gauge(approvals), name="approvals-gauge"))
 
     def reload_soon(trigger: str) -> None:
         task = loop.create_task(state.reload(trigger))
@@ -326,6 +339,7 @@ async def _serve(settings: ServeSettings, store: LockStore, audit: Any = None) -
             loop.remove_signal_handler(sig)
         log.info("shutting down: closing the proxy listener, %d call(s) in flight", proxy.gate.inflight)
         await ps.servers.update([])  # stop accepting (master.shutdown() alone leaves the socket open)
+        holds.watch.close()  # held calls answer 409 now; their approvals stay in the store for the re-sends
         waiter = asyncio.create_task(proxy.gate.wait_idle())
         forced = asyncio.create_task(force.wait())
         await asyncio.wait({waiter, forced}, timeout=settings.grace, return_when=asyncio.FIRST_COMPLETED)
@@ -339,6 +353,8 @@ async def _serve(settings: ServeSettings, store: LockStore, audit: Any = None) -
             await cancel_and_wait(task)
         await _stop_master(proxy, run_task)
         await runner.cleanup()
+        await notifier.flush(2.0)
+        await notifier.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("stopped")

@@ -1,0 +1,375 @@
+"""Holding calls for a person's approval: the proxy stage that meets the `approval` obligation of a hold.
+
+For an agent request whose decision is `hold`, in its `request` hook this stage
+
+1. fingerprints the call (agent, method, normalized URL, canonical body hash) and asks the shared store
+   (`ApprovalStore.admit`): a re-sent call joins its pending approval, uses an approved one (exactly once),
+   is told about a denial or an expiry, or passes under an approver's grant; otherwise a new pending approval
+   is opened with a redacted preview for the approver, and the webhook (if any) is told;
+2. holds the agent's connection up to the rule's `approval.wait`, while `ApprovalWatch` polls the store for
+   the approvals this sidecar's held calls wait on (a decision taken anywhere reaches it within a poll);
+3. answers: approved -> the call goes upstream exactly once (taking the approval is atomic in the store, so
+   of several identical held calls one passes and the others wait for an approval of their own); denied ->
+   403 `approval_denied` with the approver's reason; nobody decided in time -> 403 `approval_expired`; still
+   undecided at the end of the wait -> 409 `approval_pending` with the approval id, `Retry-After` and
+   `x-should-retry: false` (LLM SDKs would otherwise retry a 409 by themselves).
+
+A client that disconnects while held leaves its approval pending and nothing is sent upstream: an approval
+is only ever used by a live call. The approval lives in the store, so the call survives a sidecar restart:
+re-sent, it finds its approval again. The store being down refuses held calls with 503 `store_unavailable`
+(fail closed). What happened is recorded for the audit in `flow.metadata[APPROVAL]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import http
+from mitmproxy.connection import ConnectionState
+
+from bastion.audit.redact import Redactor
+from bastion.coord.approvals import (
+    PREVIEW_BODY_BYTES,
+    Approval,
+    ApprovalStore,
+    HeldCall,
+    fingerprint,
+)
+from bastion.coord.store import StoreUnavailable, iso_time
+from bastion.metrics import APPROVAL_WAIT_SECONDS, APPROVALS, APPROVALS_PENDING
+from bastion.proxy import flowmeta, responses
+
+log = logging.getLogger("bastion.approvals")
+
+APPROVAL_DENIED = "approval_denied"
+APPROVAL_EXPIRED = "approval_expired"
+APPROVAL_PENDING = "approval_pending"
+
+POLL_INTERVAL = 0.25
+"""How often the store is asked about the approvals held calls wait on (seconds)."""
+
+PENDING_RETRY_AFTER_MAX = 60
+"""`Retry-After` of a 409 `approval_pending` is the rule's wait, at most this (seconds)."""
+
+PENDING_GAUGE_INTERVAL = 10.0
+
+Notify = Callable[[str, Approval], None]
+
+
+def client_gone(flow: http.HTTPFlow) -> bool:
+    """Has the agent hung up on this held call? (Its connection can no longer send; mitmproxy marks that at
+    once, while the flow's own error hook waits until our hook returns.)"""
+    return flow.error is not None or not (flow.client_conn.state & ConnectionState.CAN_READ)
+
+
+@dataclass(slots=True, eq=False)  # compared by identity: each waiter is one held call
+class _Waiter:
+    flow: http.HTTPFlow
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    result: Approval | str | None = None
+
+    def wake(self, result: Approval | str) -> None:
+        if not self.event.is_set():
+            self.result = result
+            self.event.set()
+
+
+class ApprovalWatch:
+    """One polling loop per sidecar for every approval its held calls wait on: one store round trip per
+    `interval` however many calls are held. It runs only while something waits."""
+
+    def __init__(self, store: ApprovalStore, interval: float = POLL_INTERVAL) -> None:
+        self.store = store
+        self.interval = interval
+        self._waiting: dict[str, set[_Waiter]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def held(self) -> int:
+        return sum(len(w) for w in self._waiting.values())
+
+    async def wait(self, approval_id: str, flow: http.HTTPFlow, seconds: float) -> Approval | str:
+        """The approval once it is no longer pending, or "timeout", "gone" (the client hung up), "missing"
+        (the record vanished), "shutdown" (the sidecar is stopping)."""
+        if self._closed:
+            return "shutdown"
+        waiter = _Waiter(flow)
+        self._waiting.setdefault(approval_id, set()).add(waiter)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="approval-watch")
+        try:
+            await asyncio.wait_for(waiter.event.wait(), max(0.0, seconds))
+        except TimeoutError:
+            return "timeout"
+        finally:
+            waiters = self._waiting.get(approval_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiting[approval_id]
+        assert waiter.result is not None
+        return waiter.result
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting:
+                await asyncio.sleep(self.interval)
+                for waiters in list(self._waiting.values()):
+                    for w in list(waiters):
+                        if client_gone(w.flow):
+                            w.wake("gone")
+                ids = list(self._waiting)
+                if not ids:
+                    break
+                try:
+                    found = await self.store.get_many(ids)
+                except StoreUnavailable as e:  # keep waiting: the store reconnects by itself
+                    log.warning("cannot poll %d approval(s) held calls wait on: %s", len(ids), e)
+                    continue
+                except Exception:
+                    log.exception("approval poll failed")
+                    continue
+                for approval_id in ids:
+                    approval = found.get(approval_id)
+                    if approval is None or approval.state != "pending":
+                        for w in list(self._waiting.get(approval_id, ())):
+                            w.wake(approval if approval is not None else "missing")
+        finally:
+            self._task = None
+
+    def close(self) -> None:
+        """Answer every held call now (409 pending: the approvals stay in the store for the re-sends)."""
+        self._closed = True
+        for waiters in list(self._waiting.values()):
+            for w in list(waiters):
+                w.wake("shutdown")
+
+
+class _Preview:
+    """The approver's view of a call, redacted as the audit log would store it."""
+
+    def __init__(self) -> None:
+        self._redactors: dict[int, Redactor] = {}
+
+    def redactor(self, policy: Any) -> Redactor:
+        found = self._redactors.get(id(policy))
+        if found is None:
+            audit = policy.audit
+            found = Redactor(headers=audit.redact_headers, json_keys=audit.redact_json_keys,
+                             patterns=audit.redact_patterns)
+            self._redactors = {id(policy): found}  # one policy at a time: a reload replaces it
+        return found
+
+    def build(self, flow: http.HTTPFlow, url: str, policy: Any) -> dict[str, Any]:
+        redactor = self.redactor(policy)
+        found: list[str] = []
+        req = flow.request
+        body = req.raw_content or b""
+        ctype = req.headers.get("content-type", "")
+        shown: str | None = None
+        if body and b"\x00" not in body[:PREVIEW_BODY_BYTES]:
+            cut = body[:PREVIEW_BODY_BYTES]
+            try:
+                text = cut.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            if text is not None:
+                shown = redactor.body(cut, ctype, "/request/body", found).decode("utf-8", "replace")
+        headers = [[k, v] for k, v in redactor.headers(
+            [(k, v) for k, v in req.headers.items(multi=True)], "/request/headers", found)]
+        return {
+            "method": req.method, "url": redactor.url(url, "/request/url", found), "headers": headers,
+            "body": shown, "body_size": len(body), "body_sha256": hashlib.sha256(body).hexdigest(),
+            "body_truncated": len(body) > PREVIEW_BODY_BYTES, "content_type": ctype, "redacted": found,
+        }
+
+
+class HoldForApproval:
+    """mitmproxy stage: holds `hold` decisions until a person decides (module docstring)."""
+
+    def __init__(self, store: ApprovalStore, *, notify: Notify | None = None,
+                 poll_interval: float = POLL_INTERVAL) -> None:
+        self.store = store
+        self.watch = ApprovalWatch(store, poll_interval)
+        self._notify = notify
+        self._preview = _Preview()
+
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        if flow.response is not None:
+            return None
+        pending = flow.metadata.get(flowmeta.OBLIGATIONS)
+        if not pending or flowmeta.OBLIGATION_APPROVAL not in pending:
+            return None
+        return self._hold(flow)
+
+    async def _hold(self, flow: http.HTTPFlow) -> None:
+        started = time.monotonic()
+        try:
+            await self._decide(flow, started)
+        except StoreUnavailable as e:
+            self._store_unavailable(flow, e)
+        except Exception:
+            log.exception("approval handling failed (request_id=%s)", flow.metadata.get(flowmeta.REQUEST_ID))
+            if flow.response is None:
+                responses.refuse(flow, 500, responses.INTERNAL_ERROR,
+                                 "Bastion could not handle the approval of this call; it was not forwarded.")
+        finally:
+            if flowmeta.APPROVAL in flow.metadata:
+                waited = time.monotonic() - started
+                flow.metadata[flowmeta.APPROVAL]["waited_s"] = waited
+                APPROVAL_WAIT_SECONDS.observe(waited)
+
+    def _held_call(self, flow: http.HTTPFlow) -> HeldCall:
+        meta = flow.metadata
+        decision = meta[flowmeta.DECISION]
+        spec = decision.approval
+        facts = meta[flowmeta.FACTS]
+        policy = meta[flowmeta.POLICY]
+        agent: str = meta[flowmeta.AGENT]
+        port = "" if (facts.scheme, facts.port) in (("http", 80), ("https", 443)) else f":{facts.port}"
+        host = f"[{facts.host}]" if ":" in facts.host else facts.host
+        url = f"{facts.scheme}://{host}{port}{facts.forward_target}"
+        spec_owner = policy.agents.get(agent)
+        return HeldCall(
+            fingerprint=fingerprint(agent, facts.method, url, flow.request.raw_content,
+                                    flow.request.headers.get("content-type", "")),
+            agent=agent, owner=spec_owner.owner if spec_owner is not None else None, rules=spec.rules,
+            approvers=spec.approvers, required=spec.required, timeout=spec.timeout, use_within=spec.use_within,
+            grants_allowed=spec.grants, preview=self._preview.build(flow, url, policy),
+            request_id=meta[flowmeta.REQUEST_ID], revision=decision.revision,
+        )
+
+    async def _decide(self, flow: http.HTTPFlow, started: float) -> None:
+        meta = flow.metadata
+        spec = meta[flowmeta.DECISION].approval
+        call = self._held_call(flow)
+        deadline = started + spec.wait
+        admission = await self.store.admit(call)
+        while True:
+            approval = admission.approval
+            if admission.verdict == "granted":
+                grant = admission.grant
+                assert grant is not None
+                APPROVALS.labels("granted").inc()
+                self._record(flow, grant.id, "granted", grant.by, f"grant until {iso_time(grant.until)}")
+                return self._release(flow)
+            assert approval is not None
+            if admission.verdict == "pass":
+                APPROVALS.labels("executed").inc()
+                self._record(flow, approval.id, "consumed", approval.decided_by, approval.note)
+                return self._release(flow)
+            if admission.verdict == "denied":
+                return self._denied(flow, approval)
+            if admission.verdict == "expired":
+                return self._expired(flow, approval)
+            if admission.created:
+                log.info("call held for approval %s: agent=%s rules=%s %s %s (request_id=%s)", approval.id,
+                         call.agent, ",".join(call.rules), call.preview["method"], call.preview["url"],
+                         call.request_id)
+                APPROVALS_PENDING.inc()
+                if self._notify is not None:
+                    self._notify("pending", approval)
+            now_wall, now_mono = time.time(), time.monotonic()
+            until = min(deadline, now_mono + (approval.expires_at - now_wall))
+            outcome = await self.watch.wait(approval.id, flow, until - now_mono)
+            if isinstance(outcome, str):
+                if outcome == "timeout" and time.time() >= approval.expires_at:
+                    told = await self.store.report_expiry(approval.id)
+                    if told is not None and told.state != "pending":
+                        outcome = told
+                if isinstance(outcome, str):
+                    return self._pending(flow, approval, spec.wait, gone=outcome == "gone")
+            if outcome.state == "approved":
+                if client_gone(flow):  # never use an approval for a call nobody waits for
+                    return self._pending(flow, outcome, spec.wait, gone=True)
+                used = await self.store.consume(outcome.id, call.request_id)
+                if used is not None:
+                    APPROVALS.labels("executed").inc()
+                    self._record(flow, used.id, "approved", used.decided_by, used.note)
+                    return self._release(flow)
+                admission = await self.store.admit(call)  # another identical call took it: ask again
+                continue
+            if outcome.state == "denied":
+                return self._denied(flow, outcome)
+            if outcome.state == "cancelled":
+                return self._denied(flow, outcome, cancelled=True)
+            if outcome.state == "expired":
+                told = await self.store.report_expiry(outcome.id)
+                return self._expired(flow, told or outcome)
+            admission = await self.store.admit(call)  # executed or lapsed meanwhile: this call needs its own
+
+    # -- outcomes -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _record(flow: http.HTTPFlow, approval_id: str, state: str, decided_by: str | None,
+                note: str | None) -> None:
+        flow.metadata[flowmeta.APPROVAL] = {"id": approval_id, "state": state, "decided_by": decided_by,
+                                            "note": note, "waited_s": 0.0}
+
+    @staticmethod
+    def _release(flow: http.HTTPFlow) -> None:
+        flow.metadata[flowmeta.OBLIGATIONS].discard(flowmeta.OBLIGATION_APPROVAL)
+
+    def _denied(self, flow: http.HTTPFlow, a: Approval, *, cancelled: bool = False) -> None:
+        self._record(flow, a.id, "cancelled" if cancelled else "denied", a.decided_by, a.note)
+        reason = a.note or "no reason given"
+        what = "cancelled" if cancelled else "denied"
+        message = (f"A person ({a.decided_by or 'unknown'}) {what} this call (approval {a.id}, rule "
+                   f"{', '.join(a.rules)}): {reason}. Do not send it again; change the plan.")
+        responses.refuse(flow, 403, APPROVAL_DENIED, message, rule=a.rules[0] if a.rules else None,
+                         headers={"x-should-retry": "false"},
+                         extra={"approval_id": a.id, "reason": a.note, "decided_by": a.decided_by})
+
+    def _expired(self, flow: http.HTTPFlow, a: Approval) -> None:
+        APPROVALS.labels("expired").inc()
+        self._record(flow, a.id, "expired", None, None)
+        message = (f"Nobody decided on this call in time (approval {a.id}, rule {', '.join(a.rules)}), so it "
+                   "expired and was not sent. Sending the same call again asks for a new approval.")
+        responses.refuse(flow, 403, APPROVAL_EXPIRED, message, rule=a.rules[0] if a.rules else None,
+                         headers={"x-should-retry": "false"},
+                         extra={"approval_id": a.id, "reason": "expired"})
+
+    def _pending(self, flow: http.HTTPFlow, a: Approval, wait: float, *, gone: bool = False) -> None:
+        self._record(flow, a.id, "pending", None, None)
+        retry = max(1, min(PENDING_RETRY_AFTER_MAX, math.ceil(wait)))
+        message = (f"This call waits for a person's approval (approval {a.id}, rule {', '.join(a.rules)}); "
+                   f"nobody has decided yet. It expires at {iso_time(a.expires_at)}. Send the identical call "
+                   "again later to learn the decision: it will not create a second approval, and once approved "
+                   "it goes through exactly once.")
+        if gone:
+            log.info("client left while its call was held (approval %s stays pending, request_id=%s)", a.id,
+                     flow.metadata.get(flowmeta.REQUEST_ID))
+        responses.refuse(flow, 409, APPROVAL_PENDING, message, rule=a.rules[0] if a.rules else None,
+                         headers={"x-should-retry": "false", "retry-after": str(retry)},
+                         extra={"approval_id": a.id, "expires_at": iso_time(a.expires_at)})
+
+    @staticmethod
+    def _store_unavailable(flow: http.HTTPFlow, error: StoreUnavailable) -> None:
+        log.warning("approval store unavailable, refusing a held call (request_id=%s): %s",
+                    flow.metadata.get(flowmeta.REQUEST_ID), error)
+        decision = flow.metadata.get(flowmeta.DECISION)
+        rule = decision.rule if decision is not None else None
+        responses.refuse(flow, 503, responses.STORE_UNAVAILABLE,
+                         "This call needs a person's approval, but the approval store is unavailable, so it was "
+                         "refused and not forwarded. Bastion reconnects by itself; try again in a few seconds.",
+                         rule=rule, headers={"x-should-retry": "false", "retry-after": "5"})
+
+
+async def keep_pending_gauge(store: ApprovalStore, interval: float = PENDING_GAUGE_INTERVAL) -> None:
+    """Refresh `bastion_approvals_pending` (the whole store's, every sidecar's) until cancelled."""
+    while True:
+        try:
+            APPROVALS_PENDING.set(await store.count_pending())
+        except StoreUnavailable as e:
+            log.debug("pending approvals gauge not refreshed: %s", e)
+        except Exception:
+            log.exception("pending approvals gauge refresh failed")
+        await asyncio.sleep(interval)
