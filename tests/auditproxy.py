@@ -73,6 +73,7 @@ rules:
     effect: hold
     agents: ["role:support"]
     match: {{method: POST, path: /refunds}}
+    approval: {{wait: 1s}}
   - id: ticket-comments
     effect: allow
     agents: ["role:support"]
