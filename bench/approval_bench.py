@@ -149,15 +149,16 @@ def main() -> int:
         for r in range(args.rounds):
             before_rss = rss_kib(serve.pid)
             without = load(url + "/plain", bench_proxy, args.conns, args.seconds, ca)
+            already = pending(admin)  # earlier rounds' approvals stay pending in the store
             holder = spawn([sys.executable, __file__, "_hold", url, held_proxy, str(args.holds)],
                            work / f"hold-{r}.log")
             wait_for("holding", work / f"hold-{r}.log", holder)
             deadline = time.monotonic() + 60
-            while (held := pending(admin)) < args.holds and time.monotonic() < deadline:
+            while (held := pending(admin) - already) < args.holds and time.monotonic() < deadline:
                 time.sleep(0.2)
             holding_rss = rss_kib(serve.pid)
             with_holds = load(url + "/plain", bench_proxy, args.conns, args.seconds, ca)
-            still = pending(admin)
+            still = pending(admin) - already
             stop(holder)
             rows.append((without, with_holds, before_rss, holding_rss, held, still))
             time.sleep(1.0)

@@ -270,7 +270,9 @@ def test_deny_reaches_the_agent_with_the_reason(fleet: Fleet) -> None:
 def test_undecided_409_then_cli_approval_passes_one_resend(fleet: Fleet) -> None:
     path = refund_path()
     agent = fleet.agent()
-    first = agent.post(fleet.upstream.http_url + path, json={"amount": 9000}, timeout=30)
+    body = b'{"amount": 9000, "memo": "\x1b[2K\rall fine"}'  # a raw escape sequence: must not reach a terminal
+    headers = {"content-type": "application/json"}
+    first = agent.post(fleet.upstream.http_url + path, data=body, headers=headers, timeout=30)
     assert first.status_code == 409
     assert first.headers["x-should-retry"] == "false" and int(first.headers["Retry-After"]) == WAIT
     err = first.json()["error"]
@@ -279,12 +281,13 @@ def test_undecided_409_then_cli_approval_passes_one_resend(fleet: Fleet) -> None
     assert listed.returncode == 0 and err["approval_id"] in listed.stdout
     shown = fleet.cli("show", err["approval_id"], user="bob")
     assert shown.returncode == 0 and '"amount": 9000' in shown.stdout
+    assert "\\x1b[2K\\x0dall fine" in shown.stdout and "\x1b" not in shown.stdout
     approved = fleet.cli("approve", err["approval_id"], "--comment", "ticket 42", user="alice")
     assert approved.returncode == 0, approved.stderr
     assert f"{err['approval_id']} approved by alice" in approved.stdout
-    second = agent.post(fleet.upstream.http_url + path, json={"amount": 9000}, timeout=30)
+    second = agent.post(fleet.upstream.http_url + path, data=body, headers=headers, timeout=30)
     assert second.status_code == 200 and hits(fleet, path) == 1
-    third = agent.post(fleet.upstream.http_url + path, json={"amount": 9000}, timeout=30)
+    third = agent.post(fleet.upstream.http_url + path, data=body, headers=headers, timeout=30)
     assert third.status_code == 409 and third.json()["error"]["approval_id"] != err["approval_id"]
     assert hits(fleet, path) == 1
 

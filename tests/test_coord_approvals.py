@@ -7,6 +7,7 @@ Redis tests use a key prefix unique to the test, deleted afterwards.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -255,3 +256,49 @@ async def test_cancel(stores: tuple[ApprovalStore, ApprovalStore]) -> None:
     assert cancelled.state == "cancelled"
     assert (await stores[0].admit(held())).created
 
+
+
+def test_a_duplicated_json_key_is_never_the_same_call_as_either_value() -> None:
+    ambiguous = fingerprint("bot", "POST", "http://x:80/r", b'{"amount": 1, "amount": 9000}')
+    assert ambiguous != fingerprint("bot", "POST", "http://x:80/r", b'{"amount": 9000}')
+    assert ambiguous != fingerprint("bot", "POST", "http://x:80/r", b'{"amount": 1}')
+
+
+def test_an_agent_over_its_rate_may_join_but_not_open() -> None:
+    first, _ = admit_transition(None, held(), 1000.0)
+    _, joined = admit_transition(first, held(request_id="r2"), 1001.0, may_open=False)
+    assert joined.verdict == "wait" and not joined.created
+    _, refused = admit_transition(None, held("another-call"), 1001.0, may_open=False)
+    assert refused.verdict == "throttled" and refused.approval is None
+
+
+@pytest.mark.parametrize("bad", ["", "apr_", "apr_zz", "apr_" + "0" * 21, "grt_" + "0" * 20, "../apr_x", "apr_%00"])
+async def test_ids_that_no_approval_can_have_are_refused_before_the_store(tmp_path: Path, bad: str) -> None:
+    store = open_approval_store(f"sqlite:///{tmp_path / 'a.db'}")
+    try:
+        assert await store.get(bad) is None
+        with pytest.raises(ApprovalError) as e:
+            await store.decide(bad, "alice", "approve")
+        assert e.value.status == 404
+        assert await store.revoke_grant(bad) is None
+    finally:
+        await store.close()
+
+
+def test_webhook_text_cannot_forge_links_or_leave_its_code_span() -> None:
+    from bastion.coord.notify import payload
+
+    a, _ = admit_transition(None, replace(held(), preview={
+        "method": "POST", "url": "http://x/a?<https://evil.example|click here>`*bold*`", "body": "secret"}), 1.0)
+    assert a is not None
+    doc = payload("pending", a, "https://bastion.example.com/approvals/" + a.id)
+    assert "<https://evil" not in doc["text"] and "&lt;https://evil.example|click here&gt;" in doc["text"]
+    assert doc["text"].count("`") == 2 and "secret" not in json.dumps(doc)
+    assert doc["url"] == "http://x/a?<https://evil.example|click here>`*bold*`"  # plain for programs
+
+
+def test_cli_output_shows_control_characters_escaped() -> None:
+    from bastion.coord.approval_commands import safe
+
+    assert safe("ok\x1b[2K\rforged") == "ok\\x1b[2K\\x0dforged"
+    assert safe("line\nnext\x07", keep_newlines=True) == "line\nnext\\x07"

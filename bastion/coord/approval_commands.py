@@ -30,6 +30,18 @@ from bastion.coord.store import iso_time
 
 READER_ROLES = frozenset({"viewer", "approver", "admin"})
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def safe(text: object, *, keep_newlines: bool = False) -> str:
+    """Agent-controlled text made harmless for a terminal: control characters (escape sequences could
+    rewrite what the approver sees) are shown as \\xNN."""
+    table = dict(_CONTROL)
+    if keep_newlines:
+        table.pop(0x0A)
+        table.pop(0x09)
+    return str(text).translate(table)
+
 
 def register(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
@@ -86,7 +98,7 @@ def _reader(args: argparse.Namespace) -> Any:
 def _line(a: Approval) -> str:
     preview = a.preview
     parts = [a.id, a.state, f"agent={a.agent}", f"rules={','.join(a.rules)}",
-             f"{preview.get('method', '?')} {preview.get('url', '?')}", f"created={iso_time(a.created_at)}"]
+             safe(f"{preview.get('method', '?')} {preview.get('url', '?')}"), f"created={iso_time(a.created_at)}"]
     if a.state == "pending":
         parts.append(f"expires_in={max(0, a.expires_at - time.time()):.0f}s")
         if a.required > 1:
@@ -145,17 +157,17 @@ def cmd_show(args: argparse.Namespace) -> int:
         distinct = f" ({a.required} distinct)" if a.required > 1 else ""
         print(f"approvers  {who}{distinct}" + (f"; not {a.owner} (owner)" if a.owner else ""))
         for v in a.votes:
-            print(f"vote       {v.user} {v.verdict} at {iso_time(v.at)}" + (f": {v.note}" if v.note else ""))
+            print(f"vote       {v.user} {v.verdict} at {iso_time(v.at)}" + (f": {safe(v.note)}" if v.note else ""))
         if a.joins:
             print(f"re-sent    {a.joins} time(s) while pending")
         preview = a.preview
         for name, value in preview.get("headers", []):
-            print(f"header     {name}: {value}")
+            print(f"header     {safe(name)}: {safe(value)}")
         size = preview.get("body_size", 0)
         print(f"body       {size} bytes, sha256 {preview.get('body_sha256', '')}"
               + (" (preview cut)" if preview.get("body_truncated") else ""))
         if preview.get("body") is not None:
-            print(preview["body"])
+            print(safe(preview["body"], keep_newlines=True))
         return EXIT_OK
 
     return _run(args, action)
@@ -174,7 +186,8 @@ def _decide(args: argparse.Namespace, verdict: str, note: str | None, grant: flo
         current = await store.get(args.id)
         if current is None:
             return fail(f"no approval {args.id!r}")
-        refusal = may_decide(current, user.name, user.roles)
+        owner = getattr(policy.agents.get(current.agent), "owner", None)
+        refusal = may_decide(current, user.name, user.roles, owner)
         if refusal is not None:
             return fail(refusal)
         decided = await store.decide(args.id, user.name, verdict, note, grant)  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -68,18 +69,40 @@ class ApprovalError(Exception):
 
 
 def new_id(prefix: str) -> str:
-    """`apr_` / `grt_` + 20 random base32 characters: unguessable, short enough to type."""
+    """`apr_` / `grt_` + 20 random hex digits: unguessable, short enough to type."""
     return prefix + secrets.token_hex(10)
+
+
+_ID = re.compile(r"^(apr|grt)_[0-9a-f]{20}$")
+
+
+def valid_id(value: str, prefix: str) -> bool:
+    """Is `value` shaped like an id `new_id(prefix)` makes? (Checked before it reaches the store.)"""
+    return len(value) == len(prefix) + 20 and value.startswith(prefix) and bool(_ID.match(value))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey
+    return obj
 
 
 def canonical_body(body: bytes | None, content_type: str = "") -> bytes:
     """The body as the fingerprint sees it: JSON re-encoded with sorted keys and no whitespace (so a client
-    that reorders keys on a retry still joins its approval), anything else byte for byte."""
+    that reorders keys on a retry still joins its approval), anything else byte for byte.
+
+    JSON with a key given twice stays byte for byte: parsers disagree on which value wins, so
+    `{"amount": 1, "amount": 9000}` must never count as the same call as `{"amount": 9000}`."""
     if not body:
         return b""
     if "json" in content_type.lower() or body[:1] in (b"{", b"["):
         try:
-            doc = json.loads(body)
+            doc = json.loads(body, object_pairs_hook=_no_duplicates)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return body
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -238,14 +261,15 @@ class HeldCall:
         )
 
 
-Verdict = Literal["wait", "pass", "granted", "denied", "expired"]
+Verdict = Literal["wait", "pass", "granted", "denied", "expired", "throttled"]
 
 
 @dataclass(frozen=True, slots=True)
 class Admission:
     """What `admit` decided for one call: `wait` (pending, `created` when this call opened it), `pass` (an
     approved approval was used by this call, now executed), `granted` (a grant lets it pass; `approval` is
-    None), `denied` or `expired` (answer with 403)."""
+    None), `denied` or `expired` (answer with 403), `throttled` (it would open a new approval, but its agent
+    may not open more now; `approval` is None)."""
 
     verdict: Verdict
     approval: Approval | None
@@ -253,10 +277,11 @@ class Admission:
     grant: Grant | None = None
 
 
-def admit_transition(head: Approval | None, call: HeldCall, now: float,
-                     grant: Grant | None = None) -> tuple[Approval | None, Admission]:
+def admit_transition(head: Approval | None, call: HeldCall, now: float, grant: Grant | None = None,
+                     may_open: bool = True) -> tuple[Approval | None, Admission]:
     """The state machine's entry: what happens to a call given its fingerprint's head approval and a grant
-    that covers it, if any. A grant never overrides a denial of this very call. Pure."""
+    that covers it, if any. A grant never overrides a denial of this very call. `may_open` False: the call
+    may join or use an approval but not open a new one. Pure."""
     if head is not None:
         head = head.current(now)
         if head.state == "denied" and head.decided_at is not None and now < head.decided_at + head.deny_for:
@@ -275,6 +300,8 @@ def admit_transition(head: Approval | None, call: HeldCall, now: float,
         if head.state == "expired" and not head.expiry_reported:
             told = replace(head, expiry_reported=True, last_seen_at=now, updated_at=now, votes=list(head.votes))
             return told, Admission("expired", told)
+    if not may_open:
+        return None, Admission("throttled", None)
     fresh = call.new_approval(now)
     return fresh, Admission("wait", fresh, created=True)
 
@@ -328,13 +355,14 @@ def cancel_transition(a: Approval, user: str, reason: str | None, now: float) ->
                    note=None if reason is None else reason[:MAX_NOTE], updated_at=now, votes=list(a.votes))
 
 
-def may_decide(a: Approval, user_name: str, user_roles: frozenset[str]) -> str | None:
+def may_decide(a: Approval, user_name: str, user_roles: frozenset[str], owner_now: str | None = None) -> str | None:
     """Why `user` may not decide `a` (None if they may): they must satisfy every approver group of the rules
-    that held the call, and never be the owner of the agent that made it."""
+    that held the call, and never be the owner of the agent that made it (as the call's record names it, or
+    `owner_now`, as the current rules do)."""
     from bastion.policy.engine import selects
 
-    if a.owner is not None and a.owner == user_name:
-        return (f"user {user_name!r} owns agent {a.agent!r}, which made this call: someone else must decide it")
+    if user_name in (a.owner, owner_now):
+        return f"user {user_name!r} owns agent {a.agent!r}, which made this call: someone else must decide it"
     for group in a.approvers:
         if not selects(group, user_name, user_roles):
             wanted = " or ".join(s.removeprefix("role:") + (" role" if s.startswith("role:") else "") for s in group)
@@ -359,12 +387,12 @@ class ApprovalStore(abc.ABC):
 
     # -- the proxy's calls -----------------------------------------------------------------------------------
 
-    async def admit(self, call: HeldCall) -> Admission:
+    async def admit(self, call: HeldCall, *, may_open: bool = True) -> Admission:
         """Join, use, or open the approval for `call`'s fingerprint, or let a grant pass it (see
         `admit_transition`)."""
         grant = await self.active_grant(call.agent, call.rules) if call.grants_allowed else None
         return await self._guard("approval_admit", self._update_head(
-            call.fingerprint, lambda head: admit_transition(head, call, time.time(), grant)))
+            call.fingerprint, lambda head: admit_transition(head, call, time.time(), grant, may_open)))
 
     async def consume(self, approval_id: str, request_id: str) -> Approval | None:
         """Use an approved approval for one call; the approval if this call may pass, else None."""
@@ -400,6 +428,9 @@ class ApprovalStore(abc.ABC):
         if grant_for is not None and not 0 < grant_for <= MAX_GRANT:
             raise ApprovalError(f"a grant lasts more than 0 and at most {MAX_GRANT / 3600:g}h", 400)
 
+        if not valid_id(approval_id, "apr_"):
+            raise ApprovalError(f"no approval {approval_id[:40]!r}", 404)
+
         def step(a: Approval | None) -> tuple[Approval | None, Approval]:
             if a is None:
                 raise ApprovalError(f"no approval {approval_id!r}", 404)
@@ -419,6 +450,9 @@ class ApprovalStore(abc.ABC):
         return decided
 
     async def cancel(self, approval_id: str, user: str, reason: str | None = None) -> Approval:
+        if not valid_id(approval_id, "apr_"):
+            raise ApprovalError(f"no approval {approval_id[:40]!r}", 404)
+
         def step(a: Approval | None) -> tuple[Approval | None, Approval]:
             if a is None:
                 raise ApprovalError(f"no approval {approval_id!r}", 404)
@@ -433,7 +467,7 @@ class ApprovalStore(abc.ABC):
 
     async def get_many(self, approval_ids: Iterable[str]) -> dict[str, Approval]:
         """The approvals with these ids that exist, as of now."""
-        ids = list(dict.fromkeys(approval_ids))
+        ids = [i for i in dict.fromkeys(approval_ids) if valid_id(i, "apr_")]
         if not ids:
             return {}
         now = time.time()
@@ -463,6 +497,8 @@ class ApprovalStore(abc.ABC):
         return sorted(grants, key=lambda g: g.until)
 
     async def revoke_grant(self, grant_id: str) -> Grant | None:
+        if not valid_id(grant_id, "grt_"):
+            return None
         return await self._guard("grant_revoke", self._delete_grant(grant_id))
 
     async def ping(self) -> None:

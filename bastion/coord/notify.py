@@ -45,19 +45,27 @@ def approval_link(base: str | None, approval_id: str) -> str | None:
     return None if not base else f"{base.rstrip('/')}/approvals/{approval_id}"
 
 
+def slack_escape(text: str) -> str:
+    """Agent-controlled text inside Slack mrkdwn: `&`, `<`, `>` escaped as Slack asks (so a URL cannot forge a
+    link), backticks replaced (so it cannot leave its code span)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")
+
+
 def payload(event: str, a: Approval, link: str | None) -> dict[str, Any]:
-    """What the webhook receives (pure, for tests and for the CLI)."""
+    """What the webhook receives (pure, for tests and for the CLI). `text` is Slack mrkdwn; the other fields
+    are plain values for programs."""
     method, url = a.preview.get("method", "?"), a.preview.get("url", "?")
+    shown = slack_escape(f"{method} {url}")
     rules = ", ".join(a.rules)
     who = " or ".join(" and ".join(g) for g in a.approvers)
     where = f"<{link}|review it>" if link else f"`bastion approvals show {a.id}`"
     if event == "pending":
-        text = (f"Approval needed: agent *{a.agent}* wants to `{method} {url}` (rule {rules}). Approvers: {who}; "
+        text = (f"Approval needed: agent *{a.agent}* wants to `{shown}` (rule {rules}). Approvers: {who}; "
                 f"expires {iso_time(a.expires_at)}. {where}")
     else:
-        note = f": {a.note}" if a.note else ""
+        note = f": {slack_escape(a.note)}" if a.note else ""
         text = (f"Approval {a.id} {event} by {a.decided_by or 'nobody'}{note} (agent *{a.agent}*, "
-                f"`{method} {url}`). {where}")
+                f"`{shown}`). {where}")
     return {
         "event": f"approval.{event}", "approval_id": a.id, "state": a.state, "agent": a.agent,
         "rules": list(a.rules),

@@ -128,6 +128,7 @@ async def _decide(request: web.Request, verdict: str) -> web.Response:
 
     store = request.app[APPROVAL_STORE]
     user = request[USER]
+    policy = _policy(request)
     approval_id = request.match_info["id"]
     body = await _body(request, ("comment", "grant") if verdict == "approve" else ("reason",))
     note = body.get("comment") if verdict == "approve" else body.get("reason")
@@ -141,7 +142,8 @@ async def _decide(request: web.Request, verdict: str) -> web.Response:
         current = await store.get(approval_id)
         if current is None:
             return json_error(404, "not_found", f"No approval {approval_id!r}.")
-        refusal = may_decide(current, user.name, user.roles)
+        owner = getattr(policy.agents.get(current.agent), "owner", None)
+        refusal = may_decide(current, user.name, user.roles, owner)
         if refusal is not None:
             return json_error(403, "forbidden", refusal[0].upper() + refusal[1:] + ".")
         decided = await store.decide(approval_id, user.name, verdict, note, grant_for)  # type: ignore[arg-type]

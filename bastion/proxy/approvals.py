@@ -23,6 +23,7 @@ re-sent, it finds its approval again. The store being down refuses held calls wi
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import math
@@ -48,6 +49,7 @@ from bastion.proxy import flowmeta, responses
 
 log = logging.getLogger("bastion.approvals")
 
+APPROVAL_RATE_LIMITED = "approval_rate_limited"
 APPROVAL_DENIED = "approval_denied"
 APPROVAL_EXPIRED = "approval_expired"
 APPROVAL_PENDING = "approval_pending"
@@ -59,6 +61,18 @@ PENDING_RETRY_AFTER_MAX = 60
 """`Retry-After` of a 409 `approval_pending` is the rule's wait, at most this (seconds)."""
 
 PENDING_GAUGE_INTERVAL = 10.0
+
+MAX_HELD = 1000
+"""Connections one sidecar holds at once; a held call beyond it is answered 409 at once (its approval is still
+opened or joined, so a re-send learns the decision)."""
+
+MAX_HELD_BYTES = 256 << 20
+"""Request bodies those held connections may keep in memory together (bytes); same answer beyond it."""
+
+NEW_APPROVALS_PER_MINUTE = 60
+"""New approvals one agent may open per minute on one sidecar; beyond, 429 `approval_rate_limited`. Joining
+or re-sending a call that already has an approval is never limited: this only stops an agent from flooding
+the people who approve with distinct calls."""
 
 Notify = Callable[[str, Approval], None]
 
@@ -196,11 +210,36 @@ class HoldForApproval:
     """mitmproxy stage: holds `hold` decisions until a person decides (module docstring)."""
 
     def __init__(self, store: ApprovalStore, *, notify: Notify | None = None,
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL, max_held: int = MAX_HELD,
+                 max_held_bytes: int = MAX_HELD_BYTES, per_minute: int = NEW_APPROVALS_PER_MINUTE) -> None:
         self.store = store
         self.watch = ApprovalWatch(store, poll_interval)
         self._notify = notify
         self._preview = _Preview()
+        self._max_held = max_held
+        self._max_held_bytes = max_held_bytes
+        self._held_bytes = 0
+        self._per_minute = per_minute
+        self._opened: dict[str, collections.deque[float]] = {}
+
+    def _may_open(self, agent: str) -> bool:
+        """Has `agent` opened fewer than `per_minute` approvals on this sidecar in the last minute?"""
+        now = time.monotonic()
+        recent = self._opened.get(agent)
+        if recent is None:
+            return True
+        while recent and recent[0] <= now - 60.0:
+            recent.popleft()
+        if not recent:
+            del self._opened[agent]
+            return True
+        return len(recent) < self._per_minute
+
+    def _opened_one(self, agent: str) -> None:
+        self._opened.setdefault(agent, collections.deque()).append(time.monotonic())
+
+    def _room_to_hold(self, size: int) -> bool:
+        return self.watch.held < self._max_held and self._held_bytes + size <= self._max_held_bytes
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response is not None:
@@ -252,9 +291,11 @@ class HoldForApproval:
         spec = meta[flowmeta.DECISION].approval
         call = self._held_call(flow)
         deadline = started + spec.wait
-        admission = await self.store.admit(call)
+        admission = await self.store.admit(call, may_open=self._may_open(call.agent))
         while True:
             approval = admission.approval
+            if admission.verdict == "throttled":
+                return self._throttled(flow, call)
             if admission.verdict == "granted":
                 grant = admission.grant
                 assert grant is not None
@@ -271,15 +312,25 @@ class HoldForApproval:
             if admission.verdict == "expired":
                 return self._expired(flow, approval)
             if admission.created:
+                self._opened_one(call.agent)
                 log.info("call held for approval %s: agent=%s rules=%s %s %s (request_id=%s)", approval.id,
                          call.agent, ",".join(call.rules), call.preview["method"], call.preview["url"],
                          call.request_id)
                 APPROVALS_PENDING.inc()
                 if self._notify is not None:
                     self._notify("pending", approval)
+            size = len(flow.request.raw_content or b"")
+            if not self._room_to_hold(size):
+                log.warning("holding %d calls (%d body bytes) already: answering approval %s at once",
+                            self.watch.held, self._held_bytes, approval.id)
+                return self._pending(flow, approval, spec.wait)
             now_wall, now_mono = time.time(), time.monotonic()
             until = min(deadline, now_mono + (approval.expires_at - now_wall))
-            outcome = await self.watch.wait(approval.id, flow, until - now_mono)
+            self._held_bytes += size
+            try:
+                outcome = await self.watch.wait(approval.id, flow, until - now_mono)
+            finally:
+                self._held_bytes -= size
             if isinstance(outcome, str):
                 if outcome == "timeout" and time.time() >= approval.expires_at:
                     told = await self.store.report_expiry(approval.id)
@@ -295,7 +346,7 @@ class HoldForApproval:
                     APPROVALS.labels("executed").inc()
                     self._record(flow, used.id, "approved", used.decided_by, used.note)
                     return self._release(flow)
-                admission = await self.store.admit(call)  # another identical call took it: ask again
+                admission = await self.store.admit(call, may_open=self._may_open(call.agent))  # taken: ask again
                 continue
             if outcome.state == "denied":
                 return self._denied(flow, outcome)
@@ -304,7 +355,8 @@ class HoldForApproval:
             if outcome.state == "expired":
                 told = await self.store.report_expiry(outcome.id)
                 return self._expired(flow, told or outcome)
-            admission = await self.store.admit(call)  # executed or lapsed meanwhile: this call needs its own
+            # executed or lapsed meanwhile: this call needs an approval of its own
+            admission = await self.store.admit(call, may_open=self._may_open(call.agent))
 
     # -- outcomes -------------------------------------------------------------------------------------------
 
@@ -350,6 +402,15 @@ class HoldForApproval:
         responses.refuse(flow, 409, APPROVAL_PENDING, message, rule=a.rules[0] if a.rules else None,
                          headers={"x-should-retry": "false", "retry-after": str(retry)},
                          extra={"approval_id": a.id, "expires_at": iso_time(a.expires_at)})
+
+    def _throttled(self, flow: http.HTTPFlow, call: HeldCall) -> None:
+        log.warning("agent %s opened %d approvals in the last minute on this sidecar; refusing another "
+                    "(request_id=%s)", call.agent, self._per_minute, call.request_id)
+        message = (f"This call needs a person's approval (rule {', '.join(call.rules)}), but agent {call.agent} has "
+                   f"asked for {self._per_minute} approvals in the last minute, the most Bastion lets one agent ask "
+                   "for. Nothing was sent and no approval was opened; wait for the pending ones to be decided.")
+        responses.refuse(flow, 429, APPROVAL_RATE_LIMITED, message, rule=call.rules[0] if call.rules else None,
+                         headers={"x-should-retry": "false", "retry-after": "60"})
 
     @staticmethod
     def _store_unavailable(flow: http.HTTPFlow, error: StoreUnavailable) -> None:
