@@ -30,11 +30,12 @@ from support.bastion import BastionServer, run_bastion, run_cli
 from support.certs import CertFiles
 from support.upstream import Upstream
 
-TOKENS = {"support-bot": "sb-approval-token", "billing-bot": "bb-approval-token"}
+TOKENS = {"support-bot": "sb-approval-token", "billing-bot": "bb-approval-token", "flood-bot": "fb-approval-token"}
 USERS = {"alice": "alice-approval-token", "carol": "carol-approval-token", "olga": "olga-approval-token",
          "bob": "bob-approval-token", "nemo": "nemo-approval-token"}
 SECRET = "webhook-test-secret"
 WAIT = 2  # seconds a held call waits (approval.wait of the `refunds` rule)
+MAX_OPEN = 30  # approvals.max_open_per_minute: more than any agent but flood-bot opens in a module run
 
 
 def _sha(token: str) -> str:
@@ -48,6 +49,7 @@ defaults: {{effect: deny}}
 agents:
   support-bot: {{roles: [support], owner: olga, token_sha256: {_sha(TOKENS["support-bot"])}}}
   billing-bot: {{roles: [support], token_sha256: {_sha(TOKENS["billing-bot"])}}}
+  flood-bot: {{roles: [support], token_sha256: {_sha(TOKENS["flood-bot"])}}}
 users:
   alice: {{roles: [approver], token_sha256: {_sha(USERS["alice"])}}}
   carol: {{roles: [approver, admin], token_sha256: {_sha(USERS["carol"])}}}
@@ -82,6 +84,7 @@ rules:
 approvals:
   webhook: {{url: "http://127.0.0.1:{webhook_port}/hook", secret_env: BASTION_TEST_WEBHOOK_SECRET}}
   link: https://bastion.example.com
+  max_open_per_minute: {MAX_OPEN}
 network:
   allow_private: ["127.0.0.0/8"]
 """)
@@ -404,6 +407,26 @@ def test_a_grant_passes_that_agent_and_rule_only(fleet: Fleet) -> None:
     assert api(fleet.far, "POST", f"/api/grants/{grant_id}/revoke", "alice").status_code == 200
     after = fleet.agent().post(fleet.upstream.http_url + refund_path(), json={"amount": 7}, timeout=30)
     assert after.status_code == 409
+
+
+def test_an_agent_cannot_flood_approvers_with_distinct_calls(fleet: Fleet) -> None:
+    base = f"{fleet.upstream.http_url}/refunds/flood-{uuid.uuid4().hex[:8]}"
+    calls = [post_later(fleet.agent("flood-bot").post, f"{base}/{i}", json={"i": i}, timeout=30)
+             for i in range(MAX_OPEN + 5)]
+    for c in calls:
+        c["thread"].join(30)
+    statuses = sorted(c["response"].status_code for c in calls)
+    assert statuses == [409] * MAX_OPEN + [429] * 5
+    throttled = next(c["response"] for c in calls if c["response"].status_code == 429)
+    err = throttled.json()["error"]
+    assert err["type"] == "approval_rate_limited" and throttled.headers["x-should-retry"] == "false"
+    pending = next(c for c in calls if c["response"].status_code == 409)
+    url = pending["response"].request.url
+    again = fleet.agent("flood-bot").post(url, data=pending["response"].request.body,
+                                          headers={"content-type": "application/json"}, timeout=30)
+    assert again.status_code == 409  # re-sending a call that has its approval is never limited
+    assert again.json()["error"]["approval_id"] == pending["response"].json()["error"]["approval_id"]
+    assert not any(p.startswith(base.removeprefix(fleet.upstream.http_url)) for p in fleet.upstream.paths())
 
 
 def test_webhook_is_signed_and_carries_no_body(fleet: Fleet) -> None:

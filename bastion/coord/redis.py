@@ -28,7 +28,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import RedisError
@@ -126,14 +126,21 @@ def _split_prefix(url: str, default: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), prefixes[-1]
 
 
+POOL_SIZE = 64
+"""Connections one store object opens to Redis at most. A burst of calls beyond that queues for a connection
+(up to the store's timeout) instead of failing: Redis answers each in microseconds."""
+
+
 def redis_client(url: str, *, key_prefix: str, client_name: str = "bastion", timeout: float = 2.0,
                  retries: int = 2) -> tuple[Redis, str, str]:
     """(client, key prefix, URL without password) for a store URL; see `RedisLockStore.from_url`."""
     url, key_prefix = _split_prefix(url, key_prefix)
     where = redact_url(url)
     try:
-        client = Redis.from_url(
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_SIZE,
+            timeout=timeout,
             decode_responses=True,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
@@ -142,7 +149,7 @@ def redis_client(url: str, *, key_prefix: str, client_name: str = "bastion", tim
         )
     except ValueError as e:
         raise StoreURLError(f"bad store URL {where!r}: {e}") from None
-    return client, key_prefix, where
+    return Redis.from_pool(pool), key_prefix, where
 
 
 def _ms(seconds: float) -> int:

@@ -85,6 +85,7 @@ class ApprovalSettings:
     webhook_secret_env: str | None = None
     webhook_timeout: float = 5.0
     link: str | None = None
+    max_open_per_minute: int = 60
 
 
 @dataclass(frozen=True, slots=True)

@@ -305,7 +305,8 @@ def _compile(
         hook = block.webhook
         approvals = ApprovalSettings(webhook_url=hook.url if hook else None,
                                      webhook_secret_env=hook.secret_env if hook else None,
-                                     webhook_timeout=hook.timeout if hook else 5.0, link=block.link)
+                                     webhook_timeout=hook.timeout if hook else 5.0, link=block.link,
+                                     max_open_per_minute=block.max_open_per_minute)
     if issues:
         return None
     return Policy(default_effect=defaults.effect, default_mode=defaults.mode, agents=agents, users=users,

@@ -144,6 +144,7 @@ class ApprovalsModel(Strict):
 
     webhook: WebhookModel | None = None
     link: str | None = None
+    max_open_per_minute: int = Field(default=60, ge=1, le=100_000)
 
 
 class RuleModel(Strict):

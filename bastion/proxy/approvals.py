@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
 import math
@@ -38,6 +39,7 @@ from mitmproxy.connection import ConnectionState
 from bastion.audit.redact import Redactor
 from bastion.coord.approvals import (
     PREVIEW_BODY_BYTES,
+    Admission,
     Approval,
     ApprovalStore,
     HeldCall,
@@ -69,10 +71,6 @@ opened or joined, so a re-send learns the decision)."""
 MAX_HELD_BYTES = 256 << 20
 """Request bodies those held connections may keep in memory together (bytes); same answer beyond it."""
 
-NEW_APPROVALS_PER_MINUTE = 60
-"""New approvals one agent may open per minute on one sidecar; beyond, 429 `approval_rate_limited`. Joining
-or re-sending a call that already has an approval is never limited: this only stops an agent from flooding
-the people who approve with distinct calls."""
 
 Notify = Callable[[str, Approval], None]
 
@@ -211,7 +209,7 @@ class HoldForApproval:
 
     def __init__(self, store: ApprovalStore, *, notify: Notify | None = None,
                  poll_interval: float = POLL_INTERVAL, max_held: int = MAX_HELD,
-                 max_held_bytes: int = MAX_HELD_BYTES, per_minute: int = NEW_APPROVALS_PER_MINUTE) -> None:
+                 max_held_bytes: int = MAX_HELD_BYTES) -> None:
         self.store = store
         self.watch = ApprovalWatch(store, poll_interval)
         self._notify = notify
@@ -219,24 +217,39 @@ class HoldForApproval:
         self._max_held = max_held
         self._max_held_bytes = max_held_bytes
         self._held_bytes = 0
-        self._per_minute = per_minute
         self._opened: dict[str, collections.deque[float]] = {}
 
-    def _may_open(self, agent: str) -> bool:
-        """Has `agent` opened fewer than `per_minute` approvals on this sidecar in the last minute?"""
+    def _reserve(self, agent: str, per_minute: int) -> float | None:
+        """Reserve one of the `per_minute` new approvals `agent` may open on this sidecar per minute (the
+        rules' `approvals.max_open_per_minute`): the reservation's stamp, or None when none is left. Joining
+        or re-sending a call that has an approval never needs one: the limit only keeps an agent from flooding
+        the people who approve with distinct calls. Reserved before the store is asked, so concurrent calls
+        cannot overshoot; `_unreserve` gives back what was not used."""
         now = time.monotonic()
-        recent = self._opened.get(agent)
-        if recent is None:
-            return True
+        recent = self._opened.setdefault(agent, collections.deque())
         while recent and recent[0] <= now - 60.0:
             recent.popleft()
-        if not recent:
-            del self._opened[agent]
-            return True
-        return len(recent) < self._per_minute
+        if len(recent) >= per_minute:
+            return None
+        recent.append(now)
+        return now
 
-    def _opened_one(self, agent: str) -> None:
-        self._opened.setdefault(agent, collections.deque()).append(time.monotonic())
+    def _unreserve(self, agent: str, stamp: float | None) -> None:
+        recent = self._opened.get(agent)
+        if stamp is not None and recent is not None:
+            with contextlib.suppress(ValueError):
+                recent.remove(stamp)
+
+    async def _admit(self, call: HeldCall, per_minute: int) -> Admission:
+        stamp = self._reserve(call.agent, per_minute)
+        try:
+            admission = await self.store.admit(call, may_open=stamp is not None)
+        except BaseException:
+            self._unreserve(call.agent, stamp)
+            raise
+        if not admission.created:
+            self._unreserve(call.agent, stamp)
+        return admission
 
     def _room_to_hold(self, size: int) -> bool:
         return self.watch.held < self._max_held and self._held_bytes + size <= self._max_held_bytes
@@ -291,11 +304,12 @@ class HoldForApproval:
         spec = meta[flowmeta.DECISION].approval
         call = self._held_call(flow)
         deadline = started + spec.wait
-        admission = await self.store.admit(call, may_open=self._may_open(call.agent))
+        per_minute = meta[flowmeta.POLICY].approvals.max_open_per_minute
+        admission = await self._admit(call, per_minute)
         while True:
             approval = admission.approval
             if admission.verdict == "throttled":
-                return self._throttled(flow, call)
+                return self._throttled(flow, call, per_minute)
             if admission.verdict == "granted":
                 grant = admission.grant
                 assert grant is not None
@@ -312,7 +326,6 @@ class HoldForApproval:
             if admission.verdict == "expired":
                 return self._expired(flow, approval)
             if admission.created:
-                self._opened_one(call.agent)
                 log.info("call held for approval %s: agent=%s rules=%s %s %s (request_id=%s)", approval.id,
                          call.agent, ",".join(call.rules), call.preview["method"], call.preview["url"],
                          call.request_id)
@@ -346,7 +359,7 @@ class HoldForApproval:
                     APPROVALS.labels("executed").inc()
                     self._record(flow, used.id, "approved", used.decided_by, used.note)
                     return self._release(flow)
-                admission = await self.store.admit(call, may_open=self._may_open(call.agent))  # taken: ask again
+                admission = await self._admit(call, per_minute)  # another identical call took it: ask again
                 continue
             if outcome.state == "denied":
                 return self._denied(flow, outcome)
@@ -356,7 +369,7 @@ class HoldForApproval:
                 told = await self.store.report_expiry(outcome.id)
                 return self._expired(flow, told or outcome)
             # executed or lapsed meanwhile: this call needs an approval of its own
-            admission = await self.store.admit(call, may_open=self._may_open(call.agent))
+            admission = await self._admit(call, per_minute)
 
     # -- outcomes -------------------------------------------------------------------------------------------
 
@@ -403,11 +416,12 @@ class HoldForApproval:
                          headers={"x-should-retry": "false", "retry-after": str(retry)},
                          extra={"approval_id": a.id, "expires_at": iso_time(a.expires_at)})
 
-    def _throttled(self, flow: http.HTTPFlow, call: HeldCall) -> None:
+    @staticmethod
+    def _throttled(flow: http.HTTPFlow, call: HeldCall, per_minute: int) -> None:
         log.warning("agent %s opened %d approvals in the last minute on this sidecar; refusing another "
-                    "(request_id=%s)", call.agent, self._per_minute, call.request_id)
+                    "(request_id=%s)", call.agent, per_minute, call.request_id)
         message = (f"This call needs a person's approval (rule {', '.join(call.rules)}), but agent {call.agent} has "
-                   f"asked for {self._per_minute} approvals in the last minute, the most Bastion lets one agent ask "
+                   f"asked for {per_minute} approvals in the last minute, the most the rules let one agent ask "
                    "for. Nothing was sent and no approval was opened; wait for the pending ones to be decided.")
         responses.refuse(flow, 429, APPROVAL_RATE_LIMITED, message, rule=call.rules[0] if call.rules else None,
                          headers={"x-should-retry": "false", "retry-after": "60"})
