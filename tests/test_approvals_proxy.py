@@ -9,6 +9,7 @@ other's approvals.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import hmac
 import json
@@ -312,9 +313,27 @@ def test_retries_join_one_approval_and_a_changed_body_needs_its_own(fleet: Fleet
     assert api(fleet.far, "POST", f"/api/approvals/{approval_id}/approve", "alice").status_code == 200
     changed = fleet.agent().post(fleet.upstream.http_url + path, json={"amount": 90000, "to": "x"}, timeout=30)
     assert changed.status_code == 409 and changed.json()["error"]["approval_id"] not in ids
+    other_account = fleet.agent().post(fleet.upstream.http_url + path, json={"amount": 9000, "to": "x"},
+                                       headers={"Authorization": "Bearer another-customer"}, timeout=30)
+    assert other_account.status_code == 409 and other_account.json()["error"]["approval_id"] not in ids
     assert hits(fleet, path) == 0
     ok = fleet.agent().post(fleet.upstream.http_url + path, json={"amount": 9000, "to": "x"}, timeout=30)
     assert ok.status_code == 200 and hits(fleet, path) == 1
+
+
+def test_the_approver_sees_what_the_upstream_will_read(fleet: Fleet) -> None:
+    path = refund_path()
+    doc = {"amount": 4200, "api_key": "sk-live-abcdefghijklmnopqrstuvwx", "note": "é" * 10}
+    body = gzip.compress(json.dumps(doc).encode())
+    resp = fleet.agent().post(fleet.upstream.http_url + path, data=body, timeout=30,
+                              headers={"content-type": "application/json", "content-encoding": "gzip",
+                                       "x-api-key": "sk-live-abcdefghijklmnopqrstuvwx"})
+    approval = api(fleet.far, "GET", f"/api/approvals/{resp.json()['error']['approval_id']}", "bob").json()
+    preview = approval["preview"]
+    shown = json.loads(preview["body"])
+    assert shown["amount"] == 4200 and shown["note"] == "é" * 10
+    assert "abcdefghijklmnop" not in json.dumps(approval)  # the key is masked in the body and the header
+    assert preview["content_encoding"] == "gzip" and preview["body_size"] == len(body)
 
 
 def test_a_client_that_leaves_never_reaches_the_upstream_until_it_resends(fleet: Fleet) -> None:

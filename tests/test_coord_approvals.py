@@ -53,6 +53,23 @@ def test_fingerprint_binds_the_exact_call(a: tuple, b: tuple, same: bool) -> Non
     assert (fingerprint(*a) == fingerprint(*b)) is same
 
 
+MINE = ("Authorization", "Bearer mine")
+
+
+@pytest.mark.parametrize(("headers", "same"), [
+    ([("Authorization", "Bearer other-account")], False),
+    ([MINE, ("Cookie", "session=other")], False),
+    ([MINE, ("X-HTTP-Method-Override", "DELETE")], False),
+    ([MINE, ("Content-Encoding", "gzip")], False),
+    ([MINE, ("X-Request-Id", "retry-2"), ("X-Stainless-Retry-Count", "1")], True),
+    ([("authorization", "Bearer mine")], True),
+], ids=["other-credentials", "other-cookie", "method-override", "encoding", "tracing-headers", "name-case"])
+def test_headers_that_change_the_call_are_bound(headers: list[tuple[str, str]], same: bool) -> None:
+    """The first call sent only `Authorization: Bearer mine`; is the second (with `headers`) the same call?"""
+    base = ("bot", "POST", "http://x:80/r", b"{}", "application/json")
+    assert (fingerprint(*base, headers) == fingerprint(*base, [MINE])) is same
+
+
 # --- the state machine, pure ---------------------------------------------------------------------------------
 
 

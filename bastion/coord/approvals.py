@@ -109,10 +109,25 @@ def canonical_body(body: bytes | None, content_type: str = "") -> bytes:
     return body
 
 
-def fingerprint(agent: str, method: str, url: str, body: bytes | None, content_type: str = "") -> str:
-    """What binds an approval to exactly one call: sha256 over agent, method, normalized URL and body hash."""
+BINDING_HEADERS = ("authorization", "cookie", "x-api-key", "api-key", "content-type", "content-encoding",
+                   "x-http-method-override", "x-http-method", "x-method-override")
+"""Request headers that are part of the call an approver approves: whose credentials act upstream, and how the
+body and method are read. Others (tracing ids, dates, an SDK's retry counter) may change on a retry without
+making it another call."""
+
+
+def binding_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The `BINDING_HEADERS` of a request, names lower-cased, in their order (repeats kept)."""
+    return [(n.lower(), v) for n, v in headers if n.lower() in BINDING_HEADERS]
+
+
+def fingerprint(agent: str, method: str, url: str, body: bytes | None, content_type: str = "",
+                headers: Iterable[tuple[str, str]] = ()) -> str:
+    """What binds an approval to exactly one call: sha256 over agent, method, normalized URL, the binding
+    headers (`BINDING_HEADERS`) and the canonical body's hash."""
     body_hash = hashlib.sha256(canonical_body(body, content_type)).hexdigest()
-    material = "\x00".join((agent, method.upper(), url, body_hash))
+    bound = json.dumps(binding_headers(headers), separators=(",", ":"), ensure_ascii=False)
+    material = "\x00".join((agent, method.upper(), url, bound, body_hash))
     return hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()
 
 

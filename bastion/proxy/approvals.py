@@ -36,6 +36,7 @@ from typing import Any
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 
+from bastion.audit.bodies import DecodeError, decode_content
 from bastion.audit.redact import Redactor
 from bastion.coord.approvals import (
     PREVIEW_BODY_BYTES,
@@ -165,6 +166,17 @@ class ApprovalWatch:
                 w.wake("shutdown")
 
 
+def _is_text(data: bytes, cut: bool) -> bool:
+    """UTF-8 text? A body cut short may end inside a character: up to 3 trailing bytes are forgiven then."""
+    for trim in range(4 if cut else 1):
+        try:
+            data[:len(data) - trim].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return True
+    return False
+
+
 class _Preview:
     """The approver's view of a call, redacted as the audit log would store it."""
 
@@ -186,21 +198,24 @@ class _Preview:
         req = flow.request
         body = req.raw_content or b""
         ctype = req.headers.get("content-type", "")
+        encoding = req.headers.get("content-encoding", "")
         shown: str | None = None
-        if body and b"\x00" not in body[:PREVIEW_BODY_BYTES]:
-            cut = body[:PREVIEW_BODY_BYTES]
+        decoded, cut = body[:PREVIEW_BODY_BYTES], len(body) > PREVIEW_BODY_BYTES
+        if encoding and body:  # show what the upstream will read, within a hard cap (no decompression bomb)
             try:
-                text = cut.decode("utf-8")
-            except UnicodeDecodeError:
-                text = None
-            if text is not None:
-                shown = redactor.body(cut, ctype, "/request/body", found).decode("utf-8", "replace")
+                out = decode_content(body, encoding, PREVIEW_BODY_BYTES)
+                decoded, cut = out.data, out.cut
+            except DecodeError:
+                decoded = b"\x00"  # shown as binary: size and digest only
+        if decoded and b"\x00" not in decoded and _is_text(decoded, cut):
+            shown = redactor.body(decoded, ctype, "/request/body", found).decode("utf-8", "replace")
         headers = [[k, v] for k, v in redactor.headers(
             [(k, v) for k, v in req.headers.items(multi=True)], "/request/headers", found)]
         return {
             "method": req.method, "url": redactor.url(url, "/request/url", found), "headers": headers,
             "body": shown, "body_size": len(body), "body_sha256": hashlib.sha256(body).hexdigest(),
-            "body_truncated": len(body) > PREVIEW_BODY_BYTES, "content_type": ctype, "redacted": found,
+            "body_truncated": cut, "content_type": ctype, "content_encoding": encoding or None,
+            "redacted": found,
         }
 
 
@@ -292,7 +307,8 @@ class HoldForApproval:
         spec_owner = policy.agents.get(agent)
         return HeldCall(
             fingerprint=fingerprint(agent, facts.method, url, flow.request.raw_content,
-                                    flow.request.headers.get("content-type", "")),
+                                    flow.request.headers.get("content-type", ""),
+                                    flow.request.headers.items(multi=True)),
             agent=agent, owner=spec_owner.owner if spec_owner is not None else None, rules=spec.rules,
             approvers=spec.approvers, required=spec.required, timeout=spec.timeout, use_within=spec.use_within,
             grants_allowed=spec.grants, preview=self._preview.build(flow, url, policy),
