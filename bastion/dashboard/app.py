@@ -1,7 +1,7 @@
-"""The admin listener's aiohttp application: health, readiness, metrics and the JSON API.
+"""The admin listener's aiohttp application: the dashboard, health, readiness, metrics and the JSON API.
 
-It runs on the proxy's event loop (one process, one loop), so handlers must never block: everything here
-reads in-memory state or awaits. Routes (DESIGN.md "Admin listener"):
+It runs on the proxy's event loop (one process, one loop), or alone in `bastion dashboard`, so handlers must
+never block: everything here reads in-memory state or awaits. Routes:
 
 - `GET /healthz`: the process is alive.
 - `GET /readyz`: a policy is loaded and every registered readiness check passes (503 otherwise, e.g. while
@@ -11,18 +11,23 @@ reads in-memory state or awaits. Routes (DESIGN.md "Admin listener"):
 - `POST /api/rules/reload`: reload now (role `admin`); 200 when the new policy is active, 422 with the
   `FILE:LINE` errors when it is invalid (the old policy stays).
 
-Other areas add their routes (`locks_api`, `flows_api`, `approvals_api`).
+Other areas add their routes (`locks_api`, `flows_api`, `approvals_api`); the HTML pages and their forms
+are `pages` and `forms`, over the same stores, behind the same authentication (`auth`: Bearer tokens or a
+browser session, CSRF-checked) and with the same headers on every answer (`security`: CSP and friends).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from bastion import metrics
 from bastion.dashboard.auth import UserDirectory, auth_middleware, require
+
+HERE = Path(__file__).resolve().parent
 
 
 class ReloadOutcome(Protocol):
@@ -50,13 +55,49 @@ READY_CHECKS = web.AppKey("bastion_ready_checks", list)
 
 def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyCheck]] = (),
                lock_store: Any = None, audit_store: Any = None, approval_store: Any = None,
-               notify: Any = None) -> web.Application:
+               notify: Any = None, home: Path | None = None, mode: str = "sidecar") -> web.Application:
+    """The admin app. `home` keeps the sessions' key (`<home>/dashboard.key`), so sessions outlive a
+    restart; `mode` is "sidecar" or "dashboard" (`bastion dashboard`: no proxy of its own)."""
+    import aiohttp_jinja2
+    import jinja2
+
+    from bastion.dashboard import forms, pages
+    from bastion.dashboard.keys import MODE, SESSIONS
+    from bastion.dashboard.security import add_security_headers
+    from bastion.dashboard.session import SessionCodec, load_key
+
     def directory() -> UserDirectory:
         return source.policy  # type: ignore[no-any-return]
 
-    app = web.Application(middlewares=[auth_middleware(directory)], client_max_size=1 << 20)
+    codec = SessionCodec(load_key(home))
+    app = web.Application(middlewares=[auth_middleware(directory, codec)], client_max_size=1 << 20)
     app[POLICY_SOURCE] = source
     app[READY_CHECKS] = list(ready_checks)
+    app[SESSIONS] = codec
+    app[MODE] = mode
+    app.on_response_prepare.append(add_security_headers)
+    env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(HERE / "templates")),
+                               autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+                               undefined=jinja2.StrictUndefined)
+    app[aiohttp_jinja2.static_root_key] = "/static"
+    env.filters.update(pages.FILTERS)
+    env.globals["lock_path"] = forms.lock_path
+    app.router.add_static("/static/", HERE / "static", append_version=True)
+    app.router.add_get("/login", forms.login_page)
+    app.router.add_post("/login", forms.login)
+    app.router.add_post("/logout", forms.logout)
+    app.router.add_get("/", pages.overview)
+    app.router.add_get("/flows", pages.flows)
+    app.router.add_get("/flows/stream", pages.flow_stream)
+    app.router.add_get("/flows/{id}", pages.flow_detail)
+    app.router.add_get("/approvals", pages.approvals)
+    app.router.add_get("/approvals/{id}", pages.approval_detail)
+    app.router.add_post("/approvals/{id}/{verdict}", forms.decide)
+    app.router.add_get("/locks", pages.locks)
+    app.router.add_post("/locks/{key:.+}/{action:release|handoff}", forms.lock_action)
+    app.router.add_get("/agents", pages.agents)
+    app.router.add_get("/rules", pages.rules)
+    app.router.add_post("/rules/reload", forms.reload_rules)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

@@ -30,12 +30,11 @@ from bastion.coord.approvals import MAX_NOTE, STATES, Approval, ApprovalError, A
 from bastion.coord.store import StoreUnavailable
 from bastion.dashboard.app import POLICY_SOURCE
 from bastion.dashboard.auth import USER, json_error, require
+from bastion.dashboard.keys import APPROVAL_STORE, NOTIFY
 from bastion.metrics import APPROVALS
 
 log = logging.getLogger("bastion.approvals")
 
-APPROVAL_STORE = web.AppKey("bastion_approval_store", ApprovalStore)
-NOTIFY = web.AppKey("bastion_approval_notify", object)
 
 READERS = ["role:viewer", "role:approver", "role:admin"]
 ADMIN = ["role:admin"]
@@ -92,7 +91,7 @@ def _bad(message: str) -> web.HTTPBadRequest:
 
 
 def _approval_error(e: ApprovalError) -> web.Response:
-    kind = {400: "bad_request", 404: "not_found", 409: "conflict"}.get(e.status, "conflict")
+    kind = {400: "bad_request", 403: "forbidden", 404: "not_found", 409: "conflict"}.get(e.status, "conflict")
     return json_error(e.status, kind, str(e))
 
 
@@ -123,35 +122,45 @@ async def get_approval(request: web.Request) -> web.Response:
     return web.json_response(found.to_json())
 
 
-async def _decide(request: web.Request, verdict: str) -> web.Response:
+async def decide_as(app: web.Application, user: Any, policy: Any, approval_id: str, verdict: str,
+                    note: str | None, grant_for: float | None) -> Approval:
+    """One person's decision, checked against the current rules, recorded, announced. Raises `ApprovalError`
+    (400, 403, 404, 409) or `StoreUnavailable`. The API and the dashboard's forms both decide through here."""
+    store = app[APPROVAL_STORE]
+    current = await store.get(approval_id)
+    if current is None:
+        raise ApprovalError(f"No approval {approval_id[:40]!r}.", 404)
+    owner = getattr(policy.agents.get(current.agent), "owner", None)
+    refusal = may_decide(current, user.name, user.roles, owner)
+    if refusal is not None:
+        raise ApprovalError(refusal[0].upper() + refusal[1:] + ".", 403)
+    decided = await store.decide(approval_id, user.name, verdict, note, grant_for)  # type: ignore[arg-type]
+    announce(app, decided, user.name, verdict)
+    return decided
+
+
+def parse_grant(value: str | None) -> float | None:
+    """A grant's duration (`30m`), or None for no grant. Raises `ApprovalError` 400."""
     from bastion.policy.schema import parse_duration
 
-    store = request.app[APPROVAL_STORE]
-    user = request[USER]
-    policy = _policy(request)
-    approval_id = request.match_info["id"]
+    if not value:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise ApprovalError(f"grant: {e}", 400) from None
+
+
+async def _decide(request: web.Request, verdict: str) -> web.Response:
     body = await _body(request, ("comment", "grant") if verdict == "approve" else ("reason",))
     note = body.get("comment") if verdict == "approve" else body.get("reason")
-    grant_for = None
-    if body.get("grant"):
-        try:
-            grant_for = parse_duration(body["grant"])
-        except ValueError as e:
-            return json_error(400, "bad_request", f"grant: {e}")
     try:
-        current = await store.get(approval_id)
-        if current is None:
-            return json_error(404, "not_found", f"No approval {approval_id!r}.")
-        owner = getattr(policy.agents.get(current.agent), "owner", None)
-        refusal = may_decide(current, user.name, user.roles, owner)
-        if refusal is not None:
-            return json_error(403, "forbidden", refusal[0].upper() + refusal[1:] + ".")
-        decided = await store.decide(approval_id, user.name, verdict, note, grant_for)  # type: ignore[arg-type]
+        decided = await decide_as(request.app, request[USER], _policy(request), request.match_info["id"], verdict,
+                                  note, parse_grant(body.get("grant")))
     except StoreUnavailable as e:
         return _store_unavailable(e)
     except ApprovalError as e:
         return _approval_error(e)
-    announce(request.app, decided, user.name, verdict)
     return web.json_response({"approval": decided.to_json()})
 
 

@@ -1,23 +1,45 @@
-"""Who is calling the admin API: a user token from the rules (`users:`), sent as `Authorization: Bearer`.
+"""Who is calling the admin listener, and may they: user tokens from the rules (`users:`), two ways.
 
-Every `/api/` route needs a valid token (401 otherwise); routes that change things also check the user's
-roles (403). Tokens are compared by sha256 in constant time by the policy; the token itself is never logged.
+- Programs send `Authorization: Bearer <token>` to `/api/...` (401 without a valid one).
+- Browsers log in once at `/login` with the same token and then carry a session cookie (`session.py`); it
+  works for pages and for `/api/...`. A request that carries a Bearer token is judged by it alone.
+
+Every page and every `/api/` route needs one of the roles viewer, approver or admin (a user with none of them
+reads nothing: 403); routes that change things check more (`require`). Tokens are compared by sha256 in
+constant time by the policy and never logged.
+
+A cookie is sent by the browser on its own, so every unsafe request (POST, ...) authenticated by the cookie
+must also prove it comes from a Bastion page: the session's CSRF token (form field `csrf` or header
+`X-CSRF-Token`), and a same-origin `Sec-Fetch-Site` (or, where browsers do not send it, an `Origin` equal to
+this listener). `/healthz`, `/readyz`, `/metrics`, `/login` and `/static/` are public.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
+from bastion.dashboard.session import COOKIE, Session, SessionCodec
+
 USER: web.RequestKey[Any] = web.RequestKey("bastion_user", object)
-"""`request[USER]`: the authenticated `UserSpec` (set by the middleware on every /api/ request)."""
+"""`request[USER]`: the authenticated `UserSpec` (set by the middleware on every non-public request)."""
+SESSION: web.RequestKey[Any] = web.RequestKey("bastion_session", object)
+"""`request[SESSION]`: the browser `Session`, or None for a Bearer request."""
+
+READERS = ("role:viewer", "role:approver", "role:admin")
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/login", "/favicon.ico"})
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class UserDirectory(Protocol):
     """What authentication needs from a policy (`bastion.policy.engine.Policy` provides it)."""
+
+    users: Any
 
     def authenticate_user(self, token: str) -> Any: ...
 
@@ -41,21 +63,74 @@ def unauthorized(message: str) -> web.Response:
     return json_error(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="bastion"'})
 
 
-def auth_middleware(directory: Callable[[], UserDirectory], prefix: str = "/api/") -> Any:
-    """Authenticate every request under `prefix` against the *current* policy's users."""
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith("/static/")
+
+
+def same_origin(request: web.Request) -> bool:
+    """Did a page of this listener send this request? Fetch metadata first; `Origin` where it is missing
+    (browsers send `Sec-Fetch-*` only to trustworthy origins: HTTPS or localhost)."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    parts = urlsplit(origin)
+    return parts.scheme == request.scheme and parts.netloc == request.host
+
+
+async def csrf_token_of(request: web.Request) -> str | None:
+    header = request.headers.get("X-CSRF-Token")
+    if header:
+        return header
+    if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        form = await request.post()
+        value = form.get("csrf")
+        return value if isinstance(value, str) else None
+    return None
+
+
+def auth_middleware(directory: Callable[[], UserDirectory], codec: SessionCodec) -> Any:
+    """Authenticate every non-public request against the *current* policy's users."""
 
     @web.middleware
     async def middleware(request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if not request.path.startswith(prefix):
+        path = request.path
+        if is_public(path):
             return await handler(request)
+        api = path.startswith("/api/")
+        policy = directory()
         token = bearer_token(request)
-        if token is None:
-            return unauthorized("This API needs a user token: send 'Authorization: Bearer <token>'.")
-        user = directory().authenticate_user(token)
-        if user is None:
-            return unauthorized("Unknown or invalid user token.")
+        session: Session | None = None
+        if token is not None:
+            user = policy.authenticate_user(token)
+            if user is None:
+                return unauthorized("Unknown or invalid user token.")
+        else:
+            session = codec.read(request.cookies.get(COOKIE))
+            user = policy.users.get(session.user) if session is not None else None
+            if user is None:
+                if api:
+                    return unauthorized("This API needs a user token: send 'Authorization: Bearer <token>'.")
+                if request.method == "GET":
+                    target = request.rel_url.path_qs
+                    raise web.HTTPSeeOther(f"/login?next={quote(target, safe='')}")
+                raise web.HTTPSeeOther("/login")
+            if request.method in UNSAFE:
+                given = await csrf_token_of(request)
+                if not same_origin(request) or given is None or not hmac.compare_digest(given, session.csrf):
+                    return json_error(403, "csrf", "This request did not come from a Bastion page (missing or "
+                                                   "wrong CSRF token); reload the page and try again.")
         request[USER] = user
+        request[SESSION] = session
+        if not policy.user_matches(user, READERS):
+            if api:
+                return json_error(403, "forbidden", f"User {user.name!r} has none of the roles viewer, approver "
+                                                    "or admin, so Bastion shows them nothing.")
+            raise web.HTTPForbidden(text=f"User {user.name} has none of the roles viewer, approver or admin, so "
+                                         "Bastion shows them nothing. Ask an admin for a role.")
         return await handler(request)
 
     return middleware

@@ -31,10 +31,10 @@ from bastion.audit.record import OUTCOMES, AuditRecord
 from bastion.audit.sinks import AuditStore, RecordQuery, StoreError
 from bastion.audit.sinks.base import parse_page_key
 from bastion.dashboard.auth import json_error
+from bastion.dashboard.keys import AUDIT_READER
 
 log = logging.getLogger("bastion.dashboard")
 
-AUDIT_READER = web.AppKey("bastion_audit_reader", AuditStore)
 _OPENED = web.AppKey("bastion_audit_reader_opened", asyncio.Lock)
 
 DEFAULT_LIMIT = 50

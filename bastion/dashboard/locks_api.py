@@ -30,10 +30,10 @@ from aiohttp import web
 from bastion.coord.store import DEFAULT_HANDOFF_TTL, LockInfo, LockStore, StoreUnavailable
 from bastion.dashboard.app import POLICY_SOURCE, READY_CHECKS
 from bastion.dashboard.auth import USER, json_error, require
+from bastion.dashboard.keys import LOCK_STORE
 
 log = logging.getLogger("bastion.locks")
 
-LOCK_STORE = web.AppKey("bastion_lock_store", LockStore)
 LOCK_ADMIN_LISTENERS = web.AppKey("bastion_lock_admin_listeners", list)
 
 PING_TIMEOUT = 3.0
@@ -79,7 +79,7 @@ def _no_such_lock(key: str) -> web.Response:
     return json_error(404, "not_found", f"No live lock {key!r}.")
 
 
-def _publish(request: web.Request, action: str, lock: LockInfo, **fields: Any) -> None:
+def publish_admin_action(request: web.Request, action: str, lock: LockInfo, **fields: Any) -> None:
     """Log an admin action and hand it to the listeners (audit); a failing listener never fails the call."""
     user = request[USER].name
     event = {"action": action, "user": user, "key": lock.key, "holder": lock.holder, "fence": lock.fence, **fields}
@@ -112,7 +112,7 @@ async def release_lock(request: web.Request) -> web.Response:
         return _bad_request(str(e))
     if freed is None:
         return _no_such_lock(key)
-    _publish(request, "release", freed, handoff_to=freed.handoff_to)
+    publish_admin_action(request, "release", freed, handoff_to=freed.handoff_to)
     return web.json_response({"released": freed.to_json()})
 
 
@@ -148,5 +148,5 @@ async def handoff_lock(request: web.Request) -> web.Response:
         return _bad_request(str(e))
     if offer is None:
         return _no_such_lock(key)
-    _publish(request, "handoff", offer, to=to)
+    publish_admin_action(request, "handoff", offer, to=to)
     return web.json_response({"handoff": offer.to_json()})

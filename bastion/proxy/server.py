@@ -270,7 +270,7 @@ async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, audi
     holds = HoldForApproval(approvals, notify=notifier)
     runner = web.AppRunner(create_app(state, ready_checks=[("proxy", proxy_ready), *audit_checks], lock_store=store,
                                       audit_store=audit.reader if audit is not None else None,
-                                      approval_store=approvals, notify=notifier),
+                                      approval_store=approvals, notify=notifier, home=home.path),
                            access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     try:

@@ -48,6 +48,19 @@ class Page:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsRow:
+    """One group of `AuditStore.stats`: records of `agent` with this effect, outcome and first determining rule,
+    how many, and when the newest started."""
+
+    agent: str | None
+    effect: str | None
+    outcome: str
+    rule: str | None
+    count: int
+    last_us: int
+
+
+@dataclass(frozen=True, slots=True)
 class PruneMarker:
     """Retention removed records 1..`seq` of `writer`; `hash` is record `seq`'s hash, so the first survivor
     must point at it. `ended_us` is when that record ended, `pruned_us` when the pruning ran."""
@@ -154,6 +167,15 @@ class AuditStore(abc.ABC):
     @abc.abstractmethod
     async def purge_bodies(self, cutoff_us: int, now_us: int) -> int:
         """Drop the bodies of records started before `cutoff_us`. Returns how many records lost bodies."""
+
+    async def stats(self, since_us: int) -> list[StatsRow] | None:
+        """Counts of the records started since `since_us`, grouped by agent, effect, outcome and rule, in one
+        indexed range scan; None when the store cannot aggregate (JSONL), and pages then say so."""
+        return None
+
+    async def durations(self, since_us: int, limit: int = 1000) -> list[int]:
+        """Total durations (µs) of the newest `limit` records started since `since_us` (for latency figures)."""
+        return []
 
     async def iter_records(self, q: RecordQuery) -> AsyncIterator[AuditRecord]:
         """Every record matching `q` (its `limit` is the page size), following page cursors."""

@@ -22,6 +22,7 @@ from bastion.audit.sinks.base import (
     Page,
     PruneMarker,
     RecordQuery,
+    StatsRow,
     StoreError,
     page_key,
 )
@@ -31,8 +32,11 @@ from bastion.audit.sinks.sql import (
     READ_COLUMNS,
     Params,
     entry_row,
+    filter_index_ddl,
     row_record,
+    select_durations,
     select_records,
+    select_stats,
 )
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -130,6 +134,8 @@ class PostgresStore(AuditStore):
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_SCHEMA)
                 await conn.execute(_ddl(self.schema))
+                for ddl in filter_index_ddl(f'"{self.schema}".audit_records'):
+                    await conn.execute(ddl)
         except BaseException:
             await pool.close()
             raise
@@ -162,6 +168,15 @@ class PostgresStore(AuditStore):
         limit = max(1, min(q.limit, MAX_PAGE))
         records = [row_record(tuple(r)) for r in rows[:limit]]
         return Page(records, page_key(records[-1]) if len(rows) > limit else None)
+
+    async def stats(self, since_us: int) -> list[StatsRow] | None:
+        sql = select_stats(self._records, "$1", "(record::jsonb #>> '{decision,rules,0}')")
+        rows = await self._p().fetch(sql, since_us)
+        return [StatsRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5])) for r in rows]
+
+    async def durations(self, since_us: int, limit: int = 1000) -> list[int]:
+        rows = await self._p().fetch(select_durations(self._records, "$1", "$2"), since_us, limit)
+        return [int(r[0]) for r in rows]
 
     async def changes(self, token: str | None, limit: int = 500) -> tuple[list[AuditRecord], str]:
         pool = self._p()

@@ -73,6 +73,26 @@ def select_records(table: str, q: RecordQuery, p: Params, *, ilike: bool = False
             f"ORDER BY started_us {order}, writer {order}, seq {order} LIMIT {p(limit + 1)}")
 
 
+FILTER_INDEXES = (("effect", "effect"), ("outcome", "outcome"), ("host", "host"), ("agent_seq", "agent"))
+"""Indexes `(column, started_us, writer, seq)` for every flow filter, so a filtered page walks its own index
+newest first and stops after one page, however many records the store holds."""
+
+
+def filter_index_ddl(table: str, prefix: str = "") -> list[str]:
+    return [f"CREATE INDEX IF NOT EXISTS {prefix}audit_records_{name} ON {table} ({column}, started_us, writer, seq)"
+            for name, column in FILTER_INDEXES]
+
+
+def select_stats(table: str, since: str, rule_expr: str) -> str:
+    return (f"SELECT agent, effect, outcome, {rule_expr} AS rule, COUNT(*), MAX(started_us) FROM {table} "  # noqa: S608
+            f"WHERE started_us >= {since} GROUP BY agent, effect, outcome, rule")
+
+
+def select_durations(table: str, since: str, limit: str) -> str:
+    return (f"SELECT ended_us - started_us FROM {table} WHERE started_us >= {since} "  # noqa: S608
+            f"ORDER BY started_us DESC LIMIT {limit}")
+
+
 def row_record(row: Sequence[Any]) -> AuditRecord:
     """A record from a (writer, seq, record, hash, request_body, response_body, purged_us) row."""
     record = AuditRecord.from_bytes(row[2])

@@ -26,6 +26,7 @@ from bastion.audit.sinks.base import (
     Page,
     PruneMarker,
     RecordQuery,
+    StatsRow,
     StoreError,
     page_key,
 )
@@ -35,8 +36,11 @@ from bastion.audit.sinks.sql import (
     READ_COLUMNS,
     Params,
     entry_row,
+    filter_index_ddl,
     row_record,
+    select_durations,
     select_records,
+    select_stats,
 )
 
 T = TypeVar("T")
@@ -123,6 +127,8 @@ class SQLiteStore(AuditStore):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
+            for ddl in filter_index_ddl("audit_records"):
+                conn.execute(ddl)
         except sqlite3.Error as e:
             conn.close()
             raise StoreError(f"{self.display_url}: {e}") from None
@@ -173,6 +179,16 @@ class SQLiteStore(AuditStore):
         limit = max(1, min(q.limit, MAX_PAGE))
         records = [row_record(r) for r in rows[:limit]]
         return Page(records, page_key(records[-1]) if len(rows) > limit else None)
+
+    async def stats(self, since_us: int) -> list[StatsRow] | None:
+        sql = select_stats("audit_records", "?", "json_extract(record, '$.decision.rules[0]')")
+        rows = await self._run(lambda: self._db().execute(sql, (since_us,)).fetchall())
+        return [StatsRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5])) for r in rows]
+
+    async def durations(self, since_us: int, limit: int = 1000) -> list[int]:
+        sql = select_durations("audit_records", "?", "?")
+        rows = await self._run(lambda: self._db().execute(sql, (since_us, limit)).fetchall())
+        return [int(r[0]) for r in rows]
 
     async def changes(self, token: str | None, limit: int = 500) -> tuple[list[AuditRecord], str]:
         return await self._run(self._changes_sync, token, limit)
