@@ -212,7 +212,8 @@ async def flows(request: web.Request) -> web.Response:
             error = f"The audit store cannot be read: {e}"
     filters_qs = urlencode(given)
     return render(request, "flows.html", "flows", {
-        "rows": rows, "given": {k: given.get(k, "") for k in FLOW_FILTERS}, "problems": problems, "next_url": next_url, "error": error,
+        "rows": rows, "given": {k: given.get(k, "") for k in FLOW_FILTERS}, "problems": problems,
+        "next_url": next_url, "error": error,
         "decisions": DECISIONS, "outcomes": OUTCOMES, "filters_qs": filters_qs, "paged": bool(query.cursor),
         "agents": sorted(request.app[POLICY_SOURCE].policy.agents),
     })
