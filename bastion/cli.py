@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "bastion.coord.commands",
     "bastion.coord.approval_commands",
     "bastion.audit.commands",
+    "bastion.dashboard.standalone",
 )
 
 
