@@ -72,6 +72,22 @@ rules:
     agents: ["*"]
     match: {{method: POST, path: "/expiring/**"}}
     approval: {{wait: 10s, timeout: 1s}}
+  - id: gold-refunds
+    effect: hold
+    agents: ["*"]
+    match: {{method: POST, path: "/refunds/**", headers: {{x-tier: gold}}}}
+    approval: {{wait: {WAIT}s, required: 2}}
+  - id: ticket-work
+    effect: allow
+    agents: ["*"]
+    match: {{method: POST, path: "/work/{{ticket}}"}}
+    lock: {{key: "ticket:{{ticket}}", ttl: 15m}}
+  - id: ticket-payout
+    effect: hold
+    agents: ["*"]
+    match: {{method: POST, path: "/locked/{{ticket}}"}}
+    lock: {{key: "ticket:{{ticket}}", ttl: 15m}}
+    approval: {{wait: {WAIT}s}}
   - id: payouts
     effect: hold
     agents: ["*"]
@@ -319,6 +335,40 @@ def test_retries_join_one_approval_and_a_changed_body_needs_its_own(fleet: Fleet
     assert hits(fleet, path) == 0
     ok = fleet.agent().post(fleet.upstream.http_url + path, json={"amount": 9000, "to": "x"}, timeout=30)
     assert ok.status_code == 200 and hits(fleet, path) == 1
+
+
+def test_an_approval_covers_only_what_was_approved(fleet: Fleet) -> None:
+    """Credentials in other headers, and stricter rules for a variant of the call, need their own approval."""
+    path = refund_path()
+    url = fleet.upstream.http_url + path
+    first = fleet.agent().post(url, json={"amount": 10}, headers={"Stripe-Account": "acct_OWN"}, timeout=30)
+    approval_id = first.json()["error"]["approval_id"]
+    assert api(fleet.far, "POST", f"/api/approvals/{approval_id}/approve", "alice").status_code == 200
+    swapped = fleet.agent().post(url, json={"amount": 10}, headers={"Stripe-Account": "acct_VICTIM"}, timeout=30)
+    assert swapped.status_code == 409 and swapped.json()["error"]["approval_id"] != approval_id
+    gold = fleet.agent().post(url, json={"amount": 10}, headers={"Stripe-Account": "acct_OWN", "x-tier": "gold"},
+                              timeout=30)
+    assert gold.status_code == 409 and gold.json()["error"]["approval_id"] != approval_id
+    assert hits(fleet, path) == 0
+    exact = fleet.agent().post(url, json={"amount": 10}, headers={"Stripe-Account": "acct_OWN"}, timeout=30)
+    assert exact.status_code == 200 and hits(fleet, path) == 1
+
+
+def test_an_approval_used_by_a_call_a_lock_refused_is_given_back(fleet: Fleet) -> None:
+    ticket = uuid.uuid4().hex[:8]
+    assert fleet.agent("billing-bot").post(f"{fleet.upstream.http_url}/work/{ticket}", json={},
+                                           timeout=30).status_code == 200
+    url = f"{fleet.upstream.http_url}/locked/{ticket}"
+    first = fleet.agent().post(url, json={"pay": 1}, timeout=30)
+    approval_id = first.json()["error"]["approval_id"]
+    assert api(fleet.far, "POST", f"/api/approvals/{approval_id}/approve", "alice").status_code == 200
+    locked = fleet.agent().post(url, json={"pay": 1}, timeout=30)
+    assert locked.status_code == 423 and locked.json()["error"]["holder"] == "billing-bot"
+    assert api(fleet.far, "GET", f"/api/approvals/{approval_id}", "bob").json()["state"] == "approved"
+    assert api(fleet.far, "POST", f"/api/locks/ticket%3A{ticket}/release", "carol").status_code == 200
+    done = fleet.agent().post(url, json={"pay": 1}, timeout=30)
+    assert done.status_code == 200 and hits(fleet, f"/locked/{ticket}") == 1
+    assert api(fleet.far, "GET", f"/api/approvals/{approval_id}", "bob").json()["state"] == "executed"
 
 
 def test_the_approver_sees_what_the_upstream_will_read(fleet: Fleet) -> None:

@@ -41,14 +41,31 @@ def held(fp: str = "fp1", *, agent: str = "support-bot", timeout: float = 60.0, 
 # --- fingerprints --------------------------------------------------------------------------------------------
 
 
+J = "application/json"
+
+
 @pytest.mark.parametrize(("a", "b", "same"), [
-    (("bot", "POST", "http://x:80/r", b'{"a":1,"b":2}'), ("bot", "POST", "http://x:80/r", b'{ "b": 2, "a": 1 }'), True),
-    (("bot", "POST", "http://x:80/r", b'{"a":1}'), ("bot", "POST", "http://x:80/r", b'{"a":2}'), False),
+    (("bot", "POST", "http://x:80/r", b'{"a":1,"b":2}', J), ("bot", "POST", "http://x:80/r", b'{ "b": 2, "a": 1 }', J),
+     True),
+    (("bot", "POST", "http://x:80/r", b'{"a":1}', J), ("bot", "POST", "http://x:80/r", b'{"a":2}', J), False),
     (("bot", "POST", "http://x:80/r", b"x"), ("other", "POST", "http://x:80/r", b"x"), False),
     (("bot", "POST", "http://x:80/r", b"x"), ("bot", "PUT", "http://x:80/r", b"x"), False),
     (("bot", "POST", "http://x:80/r", b"x"), ("bot", "POST", "http://x:80/r?y=1", b"x"), False),
-    (("bot", "POST", "http://x:80/r", b"not json {"), ("bot", "POST", "http://x:80/r", b"not json {"), True),
-], ids=["json-key-order", "json-value", "agent", "method", "query", "raw-body"])
+    (("bot", "POST", "http://x:80/r", b"not json {", J), ("bot", "POST", "http://x:80/r", b"not json {", J), True),
+    # only a body declared as JSON is canonicalised: a form body that looks like JSON is bound byte for byte
+    (("bot", "POST", "http://x:80/r", b'{"z":"&amount=1&","y":"&amount=9999&"}', "application/x-www-form-urlencoded"),
+     ("bot", "POST", "http://x:80/r", b'{"y":"&amount=9999&","z":"&amount=1&"}', "application/x-www-form-urlencoded"),
+     False),
+    # keys equal but for case (Go merges them), and numbers that round to the same float, stay apart
+    (("bot", "POST", "http://x:80/r", b'{"amount":1,"AMOUNT":9}', J),
+     ("bot", "POST", "http://x:80/r", b'{"AMOUNT":9,"amount":1}', J), False),
+    (("bot", "POST", "http://x:80/r", b'{"n":1e400}', J),
+     ("bot", "POST", "http://x:80/r", b'{"n":Infinity}', J), False),
+    (("bot", "POST", "http://x:80/r", b'{"n":9007199254740993.0}', J),
+     ("bot", "POST", "http://x:80/r", b'{"n":9007199254740992.0}', J), False),
+    (("bot", "POST", "http://x:80/r", b'{"s":"\\ud800"}', J), ("bot", "POST", "http://x:80/r", b'{"s":"x"}', J), False),
+], ids=["json-key-order", "json-value", "agent", "method", "query", "raw-body", "form-not-json", "key-case",
+        "huge-number", "float-precision", "lone-surrogate"])
 def test_fingerprint_binds_the_exact_call(a: tuple, b: tuple, same: bool) -> None:
     assert (fingerprint(*a) == fingerprint(*b)) is same
 
@@ -58,12 +75,16 @@ MINE = ("Authorization", "Bearer mine")
 
 @pytest.mark.parametrize(("headers", "same"), [
     ([("Authorization", "Bearer other-account")], False),
+    ([MINE, ("Stripe-Account", "acct_VICTIM")], False),
+    ([MINE, ("X-Vault-Token", "root")], False),
     ([MINE, ("Cookie", "session=other")], False),
     ([MINE, ("X-HTTP-Method-Override", "DELETE")], False),
     ([MINE, ("Content-Encoding", "gzip")], False),
-    ([MINE, ("X-Request-Id", "retry-2"), ("X-Stainless-Retry-Count", "1")], True),
+    ([MINE, ("X-Request-Id", "retry-2"), ("X-Stainless-Retry-Count", "1"), ("Idempotency-Key", "k2"),
+      ("traceparent", "00-abc-def-01"), ("User-Agent", "curl/8")], True),
     ([("authorization", "Bearer mine")], True),
-], ids=["other-credentials", "other-cookie", "method-override", "encoding", "tracing-headers", "name-case"])
+], ids=["other-credentials", "on-behalf-of", "vault-token", "other-cookie", "method-override", "encoding",
+        "tracing-headers", "name-case"])
 def test_headers_that_change_the_call_are_bound(headers: list[tuple[str, str]], same: bool) -> None:
     """The first call sent only `Authorization: Bearer mine`; is the second (with `headers`) the same call?"""
     base = ("bot", "POST", "http://x:80/r", b"{}", "application/json")
@@ -222,9 +243,15 @@ async def test_decision_in_one_store_is_seen_and_consumed_once_in_the_other(
 
 
 async def test_unknown_approval_is_404(stores: tuple[ApprovalStore, ApprovalStore]) -> None:
-    with pytest.raises(ApprovalError) as e:
-        await stores[0].decide("apr_nope", "alice", "approve")
-    assert e.value.status == 404
+    well_formed = "apr_" + "0" * 20
+    for store in stores:
+        assert await store.get(well_formed) is None
+        with pytest.raises(ApprovalError) as e:
+            await store.decide(well_formed, "alice", "approve")
+        assert e.value.status == 404
+        with pytest.raises(ApprovalError) as e:
+            await store.cancel(well_formed, "alice")
+        assert e.value.status == 404
 
 
 async def test_grants_pass_the_same_agent_and_rule_only_and_can_be_revoked(
@@ -276,9 +303,17 @@ async def test_cancel(stores: tuple[ApprovalStore, ApprovalStore]) -> None:
 
 
 def test_a_duplicated_json_key_is_never_the_same_call_as_either_value() -> None:
-    ambiguous = fingerprint("bot", "POST", "http://x:80/r", b'{"amount": 1, "amount": 9000}')
-    assert ambiguous != fingerprint("bot", "POST", "http://x:80/r", b'{"amount": 9000}')
-    assert ambiguous != fingerprint("bot", "POST", "http://x:80/r", b'{"amount": 1}')
+    ambiguous = fingerprint("bot", "POST", "http://x:80/r", b'{"amount": 1, "amount": 9000}', J)
+    assert ambiguous != fingerprint("bot", "POST", "http://x:80/r", b'{"amount": 9000}', J)
+    assert ambiguous != fingerprint("bot", "POST", "http://x:80/r", b'{"amount": 1}', J)
+
+
+def test_stricter_rules_or_approvers_need_their_own_approval() -> None:
+    call = ("bot", "POST", "http://x:80/r", b"{}", J, [("Authorization", "Bearer mine")])
+    loose = fingerprint(*call, [["pay"], [["role:approver"]], 1])
+    assert loose != fingerprint(*call, [["pay", "pay-gold"], [["role:approver"], ["role:finance"]], 2])
+    assert loose != fingerprint(*call, [["pay"], [["role:finance"]], 1])  # a reload tightened the approvers
+    assert loose == fingerprint(*call, [["pay"], [["role:approver"]], 1])
 
 
 def test_an_agent_over_its_rate_may_join_but_not_open() -> None:
@@ -319,3 +354,53 @@ def test_cli_output_shows_control_characters_escaped() -> None:
 
     assert safe("ok\x1b[2K\rforged") == "ok\\x1b[2K\\x0dforged"
     assert safe("line\nnext\x07", keep_newlines=True) == "line\nnext\\x07"
+
+
+async def test_a_denial_suspends_the_agents_grants_for_that_rule_and_a_cancel_ends_its_own(
+        stores: tuple[ApprovalStore, ApprovalStore]) -> None:
+    one, two = stores
+    first = await one.admit(held("granted-call"))
+    assert first.approval is not None
+    granted = await two.decide(first.approval.id, "alice", "approve", None, grant_for=600)
+    assert granted.grant is not None and len(await one.list_grants()) == 1
+    other = await one.admit(held("other-call", agent="billing-bot"))  # another agent: no grant
+    assert other.approval is not None
+    await two.decide(other.approval.id, "alice", "deny", "no")
+    assert len(await one.list_grants()) == 1  # billing-bot's denial leaves support-bot's grant alone
+    pending = await one.admit(held("variant", required=2))  # required > 1: not passed by the grant
+    assert pending.approval is not None
+    await two.decide(pending.approval.id, "carol", "deny", "not this one")
+    assert await one.list_grants() == []  # support-bot's denial ended its grant for the rule
+    again = await one.admit(held("again"))
+    assert again.verdict == "wait"
+    second = await two.decide(again.approval.id, "alice", "approve", None, grant_for=600)  # type: ignore[union-attr]
+    assert second.grant is not None
+    await two.cancel(second.id, "carol", "wrong batch")
+    assert await one.list_grants() == []
+
+
+async def test_an_approval_given_back_passes_the_next_resend(stores: tuple[ApprovalStore, ApprovalStore]) -> None:
+    one, two = stores
+    adm = await one.admit(held())
+    assert adm.approval is not None
+    await two.decide(adm.approval.id, "alice", "approve")
+    used = await one.admit(held(request_id="r-used"))
+    assert used.verdict == "pass"
+    assert not await one.give_back(adm.approval.id, "r-someone-else")
+    assert await one.give_back(adm.approval.id, "r-used")
+    again = await two.admit(held(request_id="r-again"))
+    assert again.verdict == "pass" and again.approval is not None and again.approval.id == adm.approval.id
+
+
+async def test_polling_and_counting_skip_expired_approvals(stores: tuple[ApprovalStore, ApprovalStore]) -> None:
+    one, two = stores
+    live = await one.admit(held("live", timeout=60))
+    stale = [await one.admit(held(f"stale-{i}", timeout=0.1)) for i in range(5)]
+    await asyncio.sleep(0.3)
+    assert live.approval is not None
+    ids = [live.approval.id, *(s.approval.id for s in stale if s.approval is not None)]
+    assert set(await two.decided(ids)) == set(ids[1:])  # only the expired ones need a look
+    assert await two.count_pending() == 1
+    assert [a.id for a in await two.list("pending", 1)] == [live.approval.id]  # not hidden by newer stale ones
+    await two.decide(live.approval.id, "alice", "approve")
+    assert live.approval.id in await one.decided(ids)

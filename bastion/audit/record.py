@@ -302,8 +302,9 @@ class LockFact:
 
 @dataclass(slots=True)
 class ApprovalFact:
-    """A held call's approval. `state`: "pending", "approved", "denied", "expired", "consumed" (an approved
-    call re-sent and let through once); `note` is the approver's comment or reason."""
+    """A held call's approval. `state`: "pending", "approved", "denied", "cancelled", "expired", "consumed" (an
+    approved call re-sent and let through once), "granted" (`id` is the grant's), "given_back" (a later stage
+    refused the call, so its approval was returned); `note` is the approver's comment or reason."""
 
     id: str
     state: str

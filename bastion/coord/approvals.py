@@ -34,12 +34,11 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar, Literal, Self, TypeVar
+from typing import Any, Literal, TypeVar
 
-from bastion.coord.store import StoreUnavailable, iso_time
-from bastion.metrics import STORE_ERRORS
+from bastion.coord.store import GuardedStore, iso_time
 
 T = TypeVar("T")
 
@@ -81,52 +80,73 @@ def valid_id(value: str, prefix: str) -> bool:
     return len(value) == len(prefix) + 20 and value.startswith(prefix) and bool(_ID.match(value))
 
 
-class _DuplicateKey(ValueError):
-    pass
+class _Ambiguous(ValueError):
+    """A JSON body that parsers may read differently: it is then bound byte for byte."""
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise _DuplicateKey
+    if len(obj) != len(pairs) or len({k.lower() for k in obj}) != len(obj):
+        raise _Ambiguous  # a repeated key, or keys a case-insensitive decoder (Go's) would merge
     return obj
 
 
-def canonical_body(body: bytes | None, content_type: str = "") -> bytes:
-    """The body as the fingerprint sees it: JSON re-encoded with sorted keys and no whitespace (so a client
-    that reorders keys on a retry still joins its approval), anything else byte for byte.
+_NUMBER = "\x00bastion:number\x00"
 
-    JSON with a key given twice stays byte for byte: parsers disagree on which value wins, so
-    `{"amount": 1, "amount": 9000}` must never count as the same call as `{"amount": 9000}`."""
+
+def _literal(text: str) -> tuple[str, str]:
+    """Non-integer numbers and constants keep their literal text: `1e400` is not `Infinity`, and
+    `9007199254740993.0` is not `9007199254740992.0`, to a decoder that reads them exactly."""
+    return (_NUMBER, text)
+
+
+def canonical_body(body: bytes | None, content_type: str = "") -> bytes:
+    """The body as the fingerprint sees it: a body declared as JSON re-encoded with sorted keys and no
+    whitespace (so a client that reorders keys on a retry still joins its approval), anything else byte for
+    byte. JSON that parsers may read differently (a key given twice, keys equal but for case) stays byte for
+    byte too: `{"amount": 1, "amount": 9000}` must never count as the same call as `{"amount": 9000}`."""
     if not body:
         return b""
-    if "json" in content_type.lower() or body[:1] in (b"{", b"["):
-        try:
-            doc = json.loads(body, object_pairs_hook=_no_duplicates)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return body
-        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    return body
+    if "json" not in content_type.lower():
+        return body
+    try:
+        doc = json.loads(body, object_pairs_hook=_no_duplicates, parse_float=_literal, parse_constant=_literal)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return body
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-BINDING_HEADERS = ("authorization", "cookie", "x-api-key", "api-key", "content-type", "content-encoding",
-                   "x-http-method-override", "x-http-method", "x-method-override")
-"""Request headers that are part of the call an approver approves: whose credentials act upstream, and how the
-body and method are read. Others (tracing ids, dates, an SDK's retry counter) may change on a retry without
-making it another call."""
+VOLATILE_HEADERS = frozenset({
+    "content-length", "connection", "keep-alive", "te", "date", "traceparent", "tracestate", "baggage",
+    "x-request-id", "x-correlation-id", "x-amzn-trace-id", "x-cloud-trace-context", "sentry-trace",
+    "idempotency-key", "x-idempotency-key", "user-agent", "accept-encoding",
+})
+"""Request headers that may change when a client sends the same call again (a retry's counter, tracing ids, a
+new idempotency key per attempt). Every *other* header binds the approval: credentials (`Authorization`,
+`Stripe-Account`, `X-Vault-Token`, ...), how the body and method are read, routing headers. Headers starting
+with `x-stainless-` (the retry counters and timeouts of the openai and anthropic SDKs) and `x-b3-` are
+volatile too."""
 
 
 def binding_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The `BINDING_HEADERS` of a request, names lower-cased, in their order (repeats kept)."""
-    return [(n.lower(), v) for n, v in headers if n.lower() in BINDING_HEADERS]
+    """The headers that bind an approval, names lower-cased, sorted by name (values in their order)."""
+    kept = []
+    for name, value in headers:
+        low = name.lower()
+        if low in VOLATILE_HEADERS or low.startswith(("x-stainless-", "x-b3-", "proxy-", "x-bastion-")):
+            continue
+        kept.append((low, value))
+    return sorted(kept, key=lambda nv: nv[0])
 
 
 def fingerprint(agent: str, method: str, url: str, body: bytes | None, content_type: str = "",
-                headers: Iterable[tuple[str, str]] = ()) -> str:
+                headers: Iterable[tuple[str, str]] = (), held_by: object = ()) -> str:
     """What binds an approval to exactly one call: sha256 over agent, method, normalized URL, the binding
-    headers (`BINDING_HEADERS`) and the canonical body's hash."""
+    headers (all but `VOLATILE_HEADERS`), the canonical body's hash, and `held_by` (the rules that held the
+    call and who may approve it: a call that stricter rules hold, or the same call after a reload that
+    tightened its approvers, is not covered by an approval given under looser ones)."""
     body_hash = hashlib.sha256(canonical_body(body, content_type)).hexdigest()
-    bound = json.dumps(binding_headers(headers), separators=(",", ":"), ensure_ascii=False)
+    bound = json.dumps([binding_headers(headers), held_by], separators=(",", ":"), ensure_ascii=True)
     material = "\x00".join((agent, method.upper(), url, bound, body_hash))
     return hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -233,8 +253,14 @@ class Grant:
     by: str
     approval_id: str
     created_at: float
+    approvers: list[list[str]] = field(default_factory=list)
 
-    def covers(self, agent: str, rules: Iterable[str], now: float) -> bool:
+    def covers(self, agent: str, rules: Iterable[str], now: float,
+               approvers: Iterable[Iterable[str]] | None = None) -> bool:
+        """Does this grant pass `agent`'s call held by `rules`? Only while the rules still name the approvers
+        the grant was given under: a reload that changes who may approve ends it."""
+        if approvers is not None and self.approvers and [list(g) for g in approvers] != self.approvers:
+            return False
         return self.agent == agent and now < self.until and set(rules) <= set(self.rules)
 
     def to_doc(self) -> str:
@@ -390,7 +416,7 @@ def may_decide(a: Approval, user_name: str, user_roles: frozenset[str], owner_no
 Mutation = Callable[[Approval | None], tuple[Approval | None, T]]
 
 
-class ApprovalStore(abc.ABC):
+class ApprovalStore(GuardedStore):
     """Approvals and grants in a shared store. Safe to share between tasks of one event loop.
 
     Every change is an atomic read-modify-write of one record in the store (a SQLite write transaction, a
@@ -398,14 +424,14 @@ class ApprovalStore(abc.ABC):
     the same state machine. `StoreUnavailable` means the store cannot answer: fail closed.
     """
 
-    backend: ClassVar[str]
-
     # -- the proxy's calls -----------------------------------------------------------------------------------
 
     async def admit(self, call: HeldCall, *, may_open: bool = True) -> Admission:
         """Join, use, or open the approval for `call`'s fingerprint, or let a grant pass it (see
         `admit_transition`)."""
-        grant = await self.active_grant(call.agent, call.rules) if call.grants_allowed else None
+        grant = None
+        if call.grants_allowed and call.required == 1:  # a call that needs several people is never granted
+            grant = await self.active_grant(call.agent, call.rules, call.approvers)
         return await self._guard("approval_admit", self._update_head(
             call.fingerprint, lambda head: admit_transition(head, call, time.time(), grant, may_open)))
 
@@ -419,6 +445,27 @@ class ApprovalStore(abc.ABC):
 
         return await self._guard("approval_consume", self._update(approval_id, step))
 
+    async def give_back(self, approval_id: str, request_id: str) -> bool:
+        """Undo `consume` for a call Bastion refused before sending it upstream (a task lock held by another
+        agent, say): the approval is approved again, for a re-send. True if it was given back."""
+        def step(a: Approval | None) -> tuple[Approval | None, bool]:
+            if a is None or a.state != "executed" or a.executed_request_id != request_id:
+                return None, False
+            if a.use_by is not None and time.time() >= a.use_by:
+                return None, False
+            return replace(a, state="approved", executed_at=None, executed_request_id=None, updated_at=time.time(),
+                           votes=list(a.votes)), True
+
+        return await self._guard("approval_give_back", self._update(approval_id, step))
+
+    async def decided(self, approval_ids: Iterable[str]) -> list[str]:
+        """Of these ids, those no longer stored as pending or past their timeout (or gone): the approvals a
+        waiting call must look at. Cheap: the watch asks this several times a second."""
+        ids = [i for i in dict.fromkeys(approval_ids) if valid_id(i, "apr_")]
+        if not ids:
+            return []
+        return await self._guard("approval_poll", self._decided(ids, time.time()))
+
     async def report_expiry(self, approval_id: str) -> Approval | None:
         def step(a: Approval | None) -> tuple[Approval | None, Approval | None]:
             if a is None:
@@ -428,12 +475,13 @@ class ApprovalStore(abc.ABC):
 
         return await self._guard("approval_expire", self._update(approval_id, step))
 
-    async def active_grant(self, agent: str, rules: Iterable[str]) -> Grant | None:
-        """A live grant letting `agent` pass calls held by all of `rules`, if any."""
+    async def active_grant(self, agent: str, rules: Iterable[str],
+                           approvers: Iterable[Iterable[str]] | None = None) -> Grant | None:
+        """A live grant letting `agent` pass calls held by all of `rules` (under these approvers), if any."""
         now = time.time()
         rules = tuple(rules)
         grants = await self._guard("grant_find", self._grants(now))
-        return next((g for g in grants if g.covers(agent, rules, now)), None)
+        return next((g for g in grants if g.covers(agent, rules, now, approvers)), None)
 
     # -- people's calls --------------------------------------------------------------------------------------
 
@@ -461,8 +509,20 @@ class ApprovalStore(abc.ABC):
             g = decided.grant
             await self._guard("grant_put", self._put_grant(Grant(
                 id=g["id"], agent=decided.agent, rules=list(decided.rules), until=g["until"], by=g["by"],
-                approval_id=decided.id, created_at=decided.decided_at or time.time())))
+                approval_id=decided.id, created_at=decided.decided_at or time.time(),
+                approvers=[list(x) for x in decided.approvers])))
+        if decided.state == "denied":
+            await self._revoke_where(lambda g: g.agent == decided.agent and bool(set(g.rules) & set(decided.rules)))
         return decided
+
+    async def _revoke_where(self, covers: Callable[[Grant], bool]) -> list[Grant]:
+        """End the live grants `covers` selects: a denial suspends the agent's grants for the denied rules
+        (a grant must never let through a variant of a call a person just refused), a cancel its own."""
+        revoked = []
+        for g in await self._guard("grant_list", self._grants(time.time())):
+            if covers(g) and await self._guard("grant_revoke", self._delete_grant(g.id)) is not None:
+                revoked.append(g)
+        return revoked
 
     async def cancel(self, approval_id: str, user: str, reason: str | None = None) -> Approval:
         if not valid_id(approval_id, "apr_"):
@@ -474,7 +534,11 @@ class ApprovalStore(abc.ABC):
             after = cancel_transition(a, user, reason, time.time())
             return after, after
 
-        return await self._guard("approval_cancel", self._update(approval_id, step))
+        cancelled = await self._guard("approval_cancel", self._update(approval_id, step))
+        if cancelled.grant is not None:
+            grant_id = cancelled.grant["id"]
+            await self._revoke_where(lambda g: g.id == grant_id)
+        return cancelled
 
     async def get(self, approval_id: str) -> Approval | None:
         found = await self.get_many([approval_id])
@@ -496,16 +560,15 @@ class ApprovalStore(abc.ABC):
         now = time.time()
         limit = max(1, min(limit, 1000))
         out: list[Approval] = []
-        for a in await self._guard("approval_list", self._recent(state, limit * 2 if state else limit)):
+        for a in await self._guard("approval_list", self._recent(state, limit * 2 if state else limit, now)):
             a = a.current(now)
             if state is None or a.state == state:
                 out.append(a)
         return out[:limit]
 
     async def count_pending(self) -> int:
-        now = time.time()
-        return sum(1 for a in await self._guard("approval_list", self._recent("pending", 10_000))
-                   if a.current(now).state == "pending")
+        """Approvals waiting for people now (not past their timeout), across the store."""
+        return await self._guard("approval_count", self._count_pending(time.time()))
 
     async def list_grants(self) -> list[Grant]:
         grants = await self._guard("grant_list", self._grants(time.time()))
@@ -518,22 +581,6 @@ class ApprovalStore(abc.ABC):
 
     async def ping(self) -> None:
         await self._guard("ping", self._ping())
-
-    @abc.abstractmethod
-    async def close(self) -> None: ...
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def _guard(self, operation: str, call: Awaitable[T]) -> T:
-        try:
-            return await call
-        except StoreUnavailable:
-            STORE_ERRORS.labels(operation=operation).inc()
-            raise
 
     # -- what a backend provides ----------------------------------------------------------------------------
 
@@ -549,9 +596,15 @@ class ApprovalStore(abc.ABC):
     async def _read(self, approval_ids: list[str]) -> list[Approval]: ...
 
     @abc.abstractmethod
-    async def _recent(self, state: str | None, limit: int) -> list[Approval]:
-        """Up to `limit` approvals, newest first; with `state`, those stored in that state (`pending` also
-        returns pending ones past their timeout, which `current` turns into `expired`)."""
+    async def _recent(self, state: str | None, limit: int, now: float) -> list[Approval]:
+        """Up to `limit` approvals, newest first; with `state`, those in that state as of `now` (`pending`
+        only those not past their timeout; `expired` also those stored as pending past it)."""
+
+    @abc.abstractmethod
+    async def _decided(self, approval_ids: list[str], now: float) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def _count_pending(self, now: float) -> int: ...
 
     @abc.abstractmethod
     async def _put_grant(self, grant: Grant) -> None: ...
@@ -568,23 +621,13 @@ class ApprovalStore(abc.ABC):
 
 def open_approval_store(url: str, *, key_prefix: str | None = None) -> ApprovalStore:
     """The approval store for a store URL (the same URL as the lock store's; see `bastion.coord.open_store`)."""
-    from bastion.config import ConfigError, sqlite_path
-    from bastion.coord.store import DEFAULT_KEY_PREFIX, StoreURLError, redact_url
+    from bastion.coord.store import DEFAULT_KEY_PREFIX, store_location
 
-    scheme = url.partition(":")[0].lower()
-    if scheme == "sqlite":
+    kind, where = store_location(url)
+    if kind == "sqlite":
         from bastion.coord.approvals_sqlite import SqliteApprovalStore
 
-        try:
-            path = sqlite_path(url)
-        except ConfigError as e:
-            raise StoreURLError(f"{e} (expected sqlite:///PATH)") from None
-        if not path.name:
-            raise StoreURLError(f"store URL {url!r} names no database file")
-        return SqliteApprovalStore(path)
-    if scheme in ("redis", "rediss"):
-        from bastion.coord.approvals_redis import RedisApprovalStore
+        return SqliteApprovalStore(where)
+    from bastion.coord.approvals_redis import RedisApprovalStore
 
-        return RedisApprovalStore.from_url(url, key_prefix=key_prefix or DEFAULT_KEY_PREFIX)
-    raise StoreURLError(f"unsupported store URL {redact_url(url)!r}: expected sqlite:///PATH, "
-                        "redis://HOST:PORT/DB or rediss://HOST:PORT/DB")
+    return RedisApprovalStore.from_url(str(where), key_prefix=key_prefix or DEFAULT_KEY_PREFIX)

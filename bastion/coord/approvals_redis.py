@@ -6,7 +6,7 @@ Layout (all under the store's key prefix)::
                                    pending approval whose timeout is further away)
     approval-head:<fp>     STRING  the id of the fingerprint's one live approval; same expiry
     approvals              ZSET    id -> created_at, newest first for listings
-    approvals-pending      ZSET    id -> created_at of the approvals stored as pending
+    approvals-pending      ZSET    id -> expires_at of the approvals stored as pending (score > now: waiting)
     approval-grant:<id>    STRING  a grant as JSON; expires when the grant ends
     approval-grants        ZSET    id -> until
 
@@ -90,7 +90,8 @@ class RedisApprovalStore(ApprovalStore):
             pipe.set(self._head(a.fingerprint), a.id, ex=ttl)
         pipe.zadd(self._index, {a.id: a.created_at})
         if a.state == "pending":
-            pipe.zadd(self._pending, {a.id: a.created_at})
+            pipe.zadd(self._pending, {a.id: a.expires_at})
+            pipe.zremrangebyscore(self._pending, "-inf", time.time() - RETENTION)  # long expired, never looked at
         else:
             pipe.zrem(self._pending, a.id)
 
@@ -148,19 +149,24 @@ class RedisApprovalStore(ApprovalStore):
         docs = await self._call(self._client.mget([self._key(i) for i in approval_ids]))
         return [Approval.from_doc(d) for d in docs if d is not None]
 
-    async def _recent(self, state: str | None, limit: int) -> list[Approval]:
-        index = self._pending if state in ("pending", "expired") else self._index
+    async def _recent(self, state: str | None, limit: int, now: float) -> list[Approval]:
+        if state == "pending":
+            ids = await self._call(self._client.zrangebyscore(self._pending, f"({now}", "+inf", start=0,
+                                                              num=_SCAN_LIMIT))
+            found = await self._read(ids) if ids else []
+            found.sort(key=lambda a: a.created_at, reverse=True)
+            return [a for a in found if a.state == "pending"][:limit]
         out: list[Approval] = []
         start = 0
         while len(out) < limit and start < _SCAN_LIMIT:
-            ids = await self._call(self._client.zrevrange(index, start, start + 499))
+            ids = await self._call(self._client.zrevrange(self._index, start, start + 499))
             if not ids:
                 break
             start += len(ids)
             docs = await self._call(self._client.mget([self._key(i) for i in ids]))
             gone = [i for i, d in zip(ids, docs, strict=True) if d is None]
             if gone:
-                await self._call(self._client.zrem(index, *gone))
+                await self._call(self._client.zrem(self._index, *gone))
                 start -= len(gone)
             for d in docs:
                 if d is None:
@@ -170,6 +176,13 @@ class RedisApprovalStore(ApprovalStore):
                                                                              ("lapsed", "approved")):
                     out.append(a)
         return out[:limit]
+
+    async def _decided(self, approval_ids: list[str], now: float) -> list[str]:
+        scores = await self._call(self._client.zmscore(self._pending, approval_ids))
+        return [i for i, score in zip(approval_ids, scores, strict=True) if score is None or float(score) <= now]
+
+    async def _count_pending(self, now: float) -> int:
+        return int(await self._call(self._client.zcount(self._pending, f"({now}", "+inf")))
 
     # -- grants ----------------------------------------------------------------------------------------------
 

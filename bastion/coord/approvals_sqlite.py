@@ -25,9 +25,11 @@ _SCHEMA = (
         state       TEXT NOT NULL,
         created_at  REAL NOT NULL,
         updated_at  REAL NOT NULL,
+        expires_at  REAL NOT NULL,     -- when a pending approval expires
         doc         TEXT NOT NULL
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS approvals_by_state ON approvals (state, created_at)",
+    "CREATE INDEX IF NOT EXISTS approvals_pending ON approvals (expires_at) WHERE state = 'pending'",
     "CREATE INDEX IF NOT EXISTS approvals_by_time ON approvals (created_at)",
     """CREATE TABLE IF NOT EXISTS approval_heads (
         fingerprint TEXT PRIMARY KEY,
@@ -67,16 +69,18 @@ class SqliteApprovalStore(ApprovalStore):
 
     @staticmethod
     def _save(conn: sqlite3.Connection, a: Approval) -> None:
-        conn.execute("INSERT OR REPLACE INTO approvals (id, fingerprint, state, created_at, updated_at, doc) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", (a.id, a.fingerprint, a.state, a.created_at, a.updated_at,
-                                                  a.to_doc()))
+        conn.execute("INSERT OR REPLACE INTO approvals (id, fingerprint, state, created_at, updated_at, expires_at, "
+                     "doc) VALUES (?, ?, ?, ?, ?, ?, ?)", (a.id, a.fingerprint, a.state, a.created_at, a.updated_at,
+                                                          a.expires_at, a.to_doc()))
 
     def _purge(self, conn: sqlite3.Connection) -> None:
         now = time.time()
         if now < self._next_purge:
             return
         self._next_purge = now + _PURGE_EVERY
-        conn.execute("DELETE FROM approvals WHERE updated_at < ? AND state != 'pending'", (now - RETENTION,))
+        cutoff = now - RETENTION
+        conn.execute("DELETE FROM approvals WHERE updated_at < ? AND (state != 'pending' OR expires_at < ?)",
+                     (cutoff, cutoff))
         conn.execute("DELETE FROM approval_heads WHERE id NOT IN (SELECT id FROM approvals)")
         conn.execute("DELETE FROM approval_grants WHERE until <= ?", (now,))
 
@@ -116,20 +120,41 @@ class SqliteApprovalStore(ApprovalStore):
 
         return await self._file.run(work, write=False)
 
-    async def _recent(self, state: str | None, limit: int) -> list[Approval]:
+    async def _recent(self, state: str | None, limit: int, now: float) -> list[Approval]:
+        if state is None:
+            where, params = "1", ()
+        elif state == "pending":
+            where, params = "state = 'pending' AND expires_at > ?", (now,)
+        elif state == "expired":  # also stored as pending until someone looks
+            where, params = "state = 'expired' OR (state = 'pending' AND expires_at <= ?)", (now,)
+        elif state == "lapsed":  # also stored as approved until someone looks
+            where, params = "state IN ('lapsed', 'approved')", ()
+        else:
+            where, params = "state = ?", (state,)
+        sql = f"SELECT doc FROM approvals WHERE {where} ORDER BY created_at DESC LIMIT ?"  # noqa: S608 (constants)
+
         def work(conn: sqlite3.Connection) -> list[Approval]:
-            if state is None:
-                rows = conn.execute("SELECT doc FROM approvals ORDER BY created_at DESC LIMIT ?", (limit,))
-            elif state in ("expired", "lapsed"):  # also stored as pending / approved until someone looks
-                base = "pending" if state == "expired" else "approved"
-                rows = conn.execute("SELECT doc FROM approvals WHERE state IN (?, ?) ORDER BY created_at DESC "
-                                    "LIMIT ?", (state, base, limit))
-            else:
-                rows = conn.execute("SELECT doc FROM approvals WHERE state = ? ORDER BY created_at DESC LIMIT ?",
-                                    (state, limit))
-            return [Approval.from_doc(row[0]) for row in rows]
+            return [Approval.from_doc(row[0]) for row in conn.execute(sql, (*params, limit))]
 
         return await self._file.run(work, write=False)
+
+    async def _decided(self, approval_ids: list[str], now: float) -> list[str]:
+        def work(conn: sqlite3.Connection) -> list[str]:
+            waiting: set[str] = set()
+            for start in range(0, len(approval_ids), 500):
+                chunk = approval_ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                waiting.update(row[0] for row in conn.execute(
+                    f"SELECT id FROM approvals WHERE id IN ({marks}) AND state = 'pending' AND expires_at > ?",  # noqa: S608
+                    (*chunk, now)))
+            return [i for i in approval_ids if i not in waiting]
+
+        return await self._file.run(work, write=False)
+
+    async def _count_pending(self, now: float) -> int:
+        return await self._file.run(lambda conn: int(conn.execute(
+            "SELECT COUNT(*) FROM approvals WHERE state = 'pending' AND expires_at > ?", (now,)).fetchone()[0]),
+            write=False)
 
     async def _put_grant(self, grant: Grant) -> None:
         await self._file.run(lambda conn: conn.execute(

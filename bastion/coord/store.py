@@ -40,6 +40,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 from bastion.config import ConfigError, sqlite_path
@@ -157,7 +158,31 @@ def _check_ttl(ttl: float, what: str = "ttl") -> float:
     return float(ttl)
 
 
-class LockStore(abc.ABC):
+class GuardedStore(abc.ABC):
+    """What every store object of `bastion.coord` shares: closing (also as an async context manager) and
+    counting the operations the store could not answer in `bastion_store_errors_total{operation}`."""
+
+    backend: ClassVar[str]
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and threads. The store must not be used afterwards."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _guard(self, operation: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except StoreUnavailable:
+            STORE_ERRORS.labels(operation=operation).inc()
+            raise
+
+
+class LockStore(GuardedStore):
     """Task locks in a shared store. Safe to share between tasks of one event loop; cheap to call.
 
     Public methods validate their arguments (`ValueError` for a bad key, agent or ttl: a programming or rule
@@ -169,8 +194,6 @@ class LockStore(abc.ABC):
     lost reply: a retried grant comes back as a renewal of the same fence, a retried handoff is the same
     offer, a retried release reports False (the lock is already gone).
     """
-
-    backend: ClassVar[str]
 
     async def acquire(self, key: str, agent: str, ttl: float) -> Lease | Conflict:
         """Take `key` for `agent` for `ttl` seconds, or renew it if `agent` already holds it.
@@ -239,23 +262,6 @@ class LockStore(abc.ABC):
         await self._guard("ping", self._ping())
 
     @abc.abstractmethod
-    async def close(self) -> None:
-        """Release connections and threads. The store must not be used afterwards."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def _guard(self, operation: str, call: Awaitable[T]) -> T:
-        try:
-            return await call
-        except StoreUnavailable:
-            STORE_ERRORS.labels(operation=operation).inc()
-            raise
-
-    @abc.abstractmethod
     async def _acquire(self, key: str, agent: str, ttl: float) -> Lease | Conflict: ...
 
     @abc.abstractmethod
@@ -280,6 +286,25 @@ class LockStore(abc.ABC):
     async def _ping(self) -> None: ...
 
 
+def store_location(url: str) -> tuple[str, Path | str]:
+    """("sqlite", file path) or ("redis", url) for a store URL; `StoreURLError` for anything else (no I/O)."""
+    scheme = url.partition(":")[0].lower()
+    if scheme == "sqlite":
+        try:
+            path = sqlite_path(url)
+        except ConfigError as e:
+            raise StoreURLError(f"{e} (expected sqlite:///PATH)") from None
+        if not path.name:
+            raise StoreURLError(f"store URL {url!r} names no database file")
+        return "sqlite", path
+    if scheme in ("redis", "rediss"):
+        return "redis", url
+    raise StoreURLError(
+        f"unsupported store URL {redact_url(url)!r}: expected sqlite:///PATH, "
+        "redis://HOST:PORT/DB or rediss://HOST:PORT/DB"
+    )
+
+
 def open_store(url: str, *, key_prefix: str = DEFAULT_KEY_PREFIX) -> LockStore:
     """The store for `url`; no I/O happens until the first call.
 
@@ -289,25 +314,14 @@ def open_store(url: str, *, key_prefix: str = DEFAULT_KEY_PREFIX) -> LockStore:
     query parameter in the URL overrides it (SQLite ignores both: it owns its tables). Raises `StoreURLError`
     for anything else.
     """
-    scheme = url.partition(":")[0].lower()
-    if scheme == "sqlite":
+    kind, where = store_location(url)
+    if kind == "sqlite":
         from bastion.coord.sqlite import SqliteLockStore
 
-        try:
-            path = sqlite_path(url)
-        except ConfigError as e:
-            raise StoreURLError(f"{e} (expected sqlite:///PATH)") from None
-        if not path.name:
-            raise StoreURLError(f"store URL {url!r} names no database file")
-        return SqliteLockStore(path)
-    if scheme in ("redis", "rediss"):
-        from bastion.coord.redis import RedisLockStore
+        return SqliteLockStore(where)
+    from bastion.coord.redis import RedisLockStore
 
-        return RedisLockStore.from_url(url, key_prefix=key_prefix)
-    raise StoreURLError(
-        f"unsupported store URL {redact_url(url)!r}: expected sqlite:///PATH, "
-        "redis://HOST:PORT/DB or rediss://HOST:PORT/DB"
-    )
+    return RedisLockStore.from_url(str(where), key_prefix=key_prefix)
 
 
 def redact_url(url: str) -> str:

@@ -69,11 +69,21 @@ MAX_HELD = 1000
 """Connections one sidecar holds at once; a held call beyond it is answered 409 at once (its approval is still
 opened or joined, so a re-send learns the decision)."""
 
+MAX_HELD_PER_AGENT = 200
+"""Connections one agent may have held on one sidecar at once (identical calls joining one approval count)."""
+
+PREVIEW_HEADERS = 64
+PREVIEW_HEADER_VALUE = 1024
+"""The approver's preview keeps at most this many headers, each value cut to this many characters."""
+
 MAX_HELD_BYTES = 256 << 20
 """Request bodies those held connections may keep in memory together (bytes); same answer beyond it."""
 
 
 Notify = Callable[[str, Approval], None]
+
+USED = "bastion.approval_used"
+"""flow.metadata key: the id of the approval this call used (set once the store let it pass)."""
 
 
 def client_gone(flow: http.HTTPFlow) -> bool:
@@ -109,6 +119,9 @@ class ApprovalWatch:
     def held(self) -> int:
         return sum(len(w) for w in self._waiting.values())
 
+    def held_for(self, agent: str) -> int:
+        return sum(1 for ws in self._waiting.values() for w in ws if w.flow.metadata.get(flowmeta.AGENT) == agent)
+
     async def wait(self, approval_id: str, flow: http.HTTPFlow, seconds: float) -> Approval | str:
         """The approval once it is no longer pending, or "timeout", "gone" (the client hung up), "missing"
         (the record vanished), "shutdown" (the sidecar is stopping)."""
@@ -143,14 +156,15 @@ class ApprovalWatch:
                 if not ids:
                     break
                 try:
-                    found = await self.store.get_many(ids)
+                    changed = await self.store.decided(ids)  # one light query; records only for what changed
+                    found = await self.store.get_many(changed) if changed else {}
                 except StoreUnavailable as e:  # keep waiting: the store reconnects by itself
                     log.warning("cannot poll %d approval(s) held calls wait on: %s", len(ids), e)
                     continue
                 except Exception:
                     log.exception("approval poll failed")
                     continue
-                for approval_id in ids:
+                for approval_id in changed:
                     approval = found.get(approval_id)
                     if approval is None or approval.state != "pending":
                         for w in list(self._waiting.get(approval_id, ())):
@@ -209,8 +223,11 @@ class _Preview:
                 decoded = b"\x00"  # shown as binary: size and digest only
         if decoded and b"\x00" not in decoded and _is_text(decoded, cut):
             shown = redactor.body(decoded, ctype, "/request/body", found).decode("utf-8", "replace")
-        headers = [[k, v] for k, v in redactor.headers(
-            [(k, v) for k, v in req.headers.items(multi=True)], "/request/headers", found)]
+        fields = list(req.headers.items(multi=True))
+        headers = [[k, v if len(v) <= PREVIEW_HEADER_VALUE else v[:PREVIEW_HEADER_VALUE] + "…"]
+                   for k, v in redactor.headers(fields[:PREVIEW_HEADERS], "/request/headers", found)]
+        if len(fields) > PREVIEW_HEADERS:
+            headers.append(["…", f"{len(fields) - PREVIEW_HEADERS} more header(s) not shown"])
         return {
             "method": req.method, "url": redactor.url(url, "/request/url", found), "headers": headers,
             "body": shown, "body_size": len(body), "body_sha256": hashlib.sha256(body).hexdigest(),
@@ -266,8 +283,9 @@ class HoldForApproval:
             self._unreserve(call.agent, stamp)
         return admission
 
-    def _room_to_hold(self, size: int) -> bool:
-        return self.watch.held < self._max_held and self._held_bytes + size <= self._max_held_bytes
+    def _room_to_hold(self, agent: str, size: int) -> bool:
+        return (self.watch.held < self._max_held and self._held_bytes + size <= self._max_held_bytes
+                and self.watch.held_for(agent) < MAX_HELD_PER_AGENT)
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response is not None:
@@ -308,7 +326,8 @@ class HoldForApproval:
         return HeldCall(
             fingerprint=fingerprint(agent, facts.method, url, flow.request.raw_content,
                                     flow.request.headers.get("content-type", ""),
-                                    flow.request.headers.items(multi=True)),
+                                    flow.request.headers.items(multi=True),
+                                    [sorted(spec.rules), [list(g) for g in spec.approvers], spec.required]),
             agent=agent, owner=spec_owner.owner if spec_owner is not None else None, rules=spec.rules,
             approvers=spec.approvers, required=spec.required, timeout=spec.timeout, use_within=spec.use_within,
             grants_allowed=spec.grants, preview=self._preview.build(flow, url, policy),
@@ -336,6 +355,7 @@ class HoldForApproval:
             if admission.verdict == "pass":
                 APPROVALS.labels("executed").inc()
                 self._record(flow, approval.id, "consumed", approval.decided_by, approval.note)
+                meta[USED] = approval.id
                 return self._release(flow)
             if admission.verdict == "denied":
                 return self._denied(flow, approval)
@@ -349,7 +369,7 @@ class HoldForApproval:
                 if self._notify is not None:
                     self._notify("pending", approval)
             size = len(flow.request.raw_content or b"")
-            if not self._room_to_hold(size):
+            if not self._room_to_hold(call.agent, size):
                 log.warning("holding %d calls (%d body bytes) already: answering approval %s at once",
                             self.watch.held, self._held_bytes, approval.id)
                 return self._pending(flow, approval, spec.wait)
@@ -374,6 +394,7 @@ class HoldForApproval:
                 if used is not None:
                     APPROVALS.labels("executed").inc()
                     self._record(flow, used.id, "approved", used.decided_by, used.note)
+                    meta[USED] = used.id
                     return self._release(flow)
                 admission = await self._admit(call, per_minute)  # another identical call took it: ask again
                 continue
@@ -386,6 +407,24 @@ class HoldForApproval:
                 return self._expired(flow, told or outcome)
             # executed or lapsed meanwhile: this call needs an approval of its own
             admission = await self._admit(call, per_minute)
+
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """A call that used an approval but was then refused by Bastion itself (a later stage: a task lock held
+        by another agent, say) never reached the upstream: give the approval back for the re-send."""
+        approval_id = flow.metadata.get(USED)
+        if approval_id is None or flowmeta.REFUSAL not in flow.metadata:
+            return None
+        return self._give_back(flow, approval_id)
+
+    async def _give_back(self, flow: http.HTTPFlow, approval_id: str) -> None:
+        request_id = flow.metadata[flowmeta.REQUEST_ID]
+        try:
+            if await self.store.give_back(approval_id, request_id):
+                log.info("approval %s given back: the call was refused before it was sent (request_id=%s)",
+                         approval_id, request_id)
+                flow.metadata[flowmeta.APPROVAL]["state"] = "given_back"
+        except StoreUnavailable as e:
+            log.warning("could not give back approval %s of a refused call: %s", approval_id, e)
 
     # -- outcomes -------------------------------------------------------------------------------------------
 

@@ -22,8 +22,11 @@ Set per agent request (not on CONNECT flows, except REQUEST_ID, AGENT and POLICY
   `{"event", "key", ...}` with event one of acquired, renewed, checked, conflict, lost, rolled_back,
   store_unavailable, released, not_released.
 - APPROVAL: dict, the approval of a held call, for the audit record (set by the approval addon):
-  `{"id", "state", "decided_by", "note", "waited_s"}`; state one of pending, approved, denied, expired,
-  consumed; `decided_by`, `note` may be None; `waited_s` is how long the agent's connection was held.
+  `{"id", "state", "decided_by", "note", "waited_s"}`; state one of pending (answered 409, or the client
+  left), approved (decided while the call waited, and it passed), consumed (a re-sent call used an earlier
+  approval), granted (`id` is the grant's), denied, cancelled, expired, given_back (it passed the hold but a
+  later stage refused it, so the approval was returned for the re-send); `decided_by`, `note` may be None;
+  `waited_s` is how long the agent's connection was held.
 - CAPTURE: the audit capture's own state for this exchange (`bastion.proxy.exchange.Exchange`): what the
   agent sent, taken before any stage changes the request, and the response body tap. Only capture uses it.
 """

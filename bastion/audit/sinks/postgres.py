@@ -8,6 +8,7 @@ schema is created if missing, under an advisory lock so that sidecars starting t
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -43,6 +44,8 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _PRUNE_CHUNK = 5000
 _LOCK_SCHEMA = 0x62617374696F6E01  # pg_advisory_xact_lock keys ("bastion" + n)
 _LOCK_RETENTION = 0x62617374696F6E02
+
+log = logging.getLogger("bastion.audit")
 
 
 def display_url(url: str) -> str:
@@ -93,6 +96,17 @@ CREATE TABLE IF NOT EXISTS "{s}".audit_prune (
 """
 
 
+async def _analyze_if_never(pool: Any, table: str) -> None:
+    """A large table PostgreSQL has never analyzed (restored, or filled faster than autovacuum looks) gets
+    plans from default estimates, which can walk the wrong index for a filtered page: analyze it once."""
+    never = await pool.fetchval(
+        "SELECT last_analyze IS NULL AND last_autoanalyze IS NULL AND n_live_tup > 10000 "
+        "FROM pg_stat_user_tables WHERE relid = $1::regclass", table)
+    if never:
+        log.info("audit: analyzing %s once (PostgreSQL has no statistics for it yet)", table)
+        await pool.execute(f"ANALYZE {table}")
+
+
 class PostgresStore(AuditStore):
     def __init__(self, url: str, *, schema: str | None = None, connect_timeout: float = 5.0,
                  pool_size: int = 4) -> None:
@@ -114,7 +128,8 @@ class PostgresStore(AuditStore):
         marks = ", ".join(f"${i}" for i in range(1, len(INSERT_COLUMNS) + 1))
         # Identifiers are constants or the validated schema name; every value is a bound parameter.
         self._insert = f"INSERT INTO {t} ({cols}) VALUES ({marks}) ON CONFLICT (writer, seq) DO NOTHING"  # noqa: S608
-        self._get = f"SELECT {READ_COLUMNS} FROM {t} WHERE id = $1 ORDER BY writer, seq LIMIT 1"  # noqa: S608
+        # ORDER BY id first: the planner must find the row through the id index, never walk (writer, seq).
+        self._get = f"SELECT {READ_COLUMNS} FROM {t} WHERE id = $1 ORDER BY id, writer, seq LIMIT 1"  # noqa: S608
         self._changes = (f"SELECT ingest, {READ_COLUMNS} FROM {t} WHERE ingest > $1 "  # noqa: S608
                          "ORDER BY ingest LIMIT $2")
         self._chain = (f"SELECT seq, hash, record, request_body, response_body, purged_us, "  # noqa: S608
@@ -136,6 +151,7 @@ class PostgresStore(AuditStore):
                 await conn.execute(_ddl(self.schema))
                 for ddl in filter_index_ddl(f'"{self.schema}".audit_records'):
                     await conn.execute(ddl)
+            await _analyze_if_never(pool, self._records)
         except BaseException:
             await pool.close()
             raise

@@ -84,7 +84,7 @@ _PRUNE_CHUNK = 5000
 # Column lists are constants; every value is a bound parameter.
 _INSERT = (f"INSERT OR IGNORE INTO audit_records ({', '.join(INSERT_COLUMNS)}) "  # noqa: S608
            f"VALUES ({', '.join('?' * len(INSERT_COLUMNS))})")
-_GET = f"SELECT {READ_COLUMNS} FROM audit_records WHERE id = ? ORDER BY writer, seq LIMIT 1"  # noqa: S608
+_GET = f"SELECT {READ_COLUMNS} FROM audit_records WHERE id = ? ORDER BY id, writer, seq LIMIT 1"  # noqa: S608
 _CHANGES = f"SELECT ingest, {READ_COLUMNS} FROM audit_records WHERE ingest > ? ORDER BY ingest LIMIT ?"  # noqa: S608
 _CHAIN = (f"SELECT seq, hash, record, request_body, response_body, purged_us, {', '.join(INDEX_COLUMNS)} "  # noqa: S608
           "FROM audit_records WHERE writer = ? AND seq > ? ORDER BY seq LIMIT 500")
