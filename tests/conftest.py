@@ -13,11 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dashboardhelp import browser  # one Chromium per module that asks for it
 from lockhistory import delete_prefix
 from services import require_redis
 from support.bastion import BastionServer, run_bastion
 from support.certs import CertFiles, make_test_certs
 from support.upstream import Upstream, run_upstream
+
+__all__ = ["browser"]
 
 REPO = Path(__file__).resolve().parent.parent
 TESTDATA_RULES = REPO / "rules" / "testdata"

@@ -70,9 +70,11 @@ network:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless Chromium; skipped (failed under CI=true) when Playwright or Debian's chromium is missing."""
+    """Headless Chromium, one per test module (Playwright's sync API keeps an event loop running on this thread
+    while it is open, which the asyncio tests of other modules must not meet); skipped (failed under CI=true)
+    when Playwright or Debian's chromium is missing."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

@@ -20,14 +20,12 @@ from typing import Any
 
 import pytest
 import requests
-from dashboardhelp import AGENTS, LAPTOP, NARROW, USERS, browser, login, run_dashboard, shoot, write_policy
+from dashboardhelp import AGENTS, LAPTOP, NARROW, USERS, login, run_dashboard, shoot, write_policy
 from lockhistory import delete_prefix
 from services import require_postgres, require_redis
 from support.bastion import BastionServer, run_bastion
 from support.certs import CertFiles
 from support.upstream import Upstream
-
-__all__ = ["browser"]  # the fixture, imported for pytest
 
 
 @dataclass

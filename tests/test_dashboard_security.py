@@ -17,14 +17,12 @@ from urllib.parse import unquote_plus
 
 import pytest
 import requests
-from dashboardhelp import AGENTS, USERS, browser, login, write_policy
+from dashboardhelp import AGENTS, USERS, login, write_policy
 from support.bastion import BastionServer, run_bastion
 from support.certs import CertFiles
 from support.upstream import Upstream
 
 from bastion.dashboard.security import CSP
-
-__all__ = ["browser"]
 
 PAYLOAD = '<script>alert("xss")</script><img src=x onerror=alert(1)>'
 PAGES = ("/", "/flows", "/approvals", "/locks", "/agents", "/rules")
@@ -113,7 +111,8 @@ def test_session_cookie_flags(srv: BastionServer) -> None:
     assert USERS["bob"] not in cookie and "bob" not in cookie  # encrypted: neither token nor name readable
 
 
-@pytest.mark.parametrize("bad", ["//evil.example/x", "https://evil.example", "/\\evil.example"])
+@pytest.mark.parametrize("bad", ["//evil.example/x", "https://evil.example", "/\\evil.example", "/\t/evil.example",
+                                 "/\n/evil.example", "/\r/evil.example"])
 def test_login_never_redirects_off_the_listener(srv: BastionServer, bad: str) -> None:
     resp = requests.post(srv.admin_url + "/login", data={"token": USERS["bob"], "next": bad},
                          headers={"Origin": srv.admin_url}, allow_redirects=False, timeout=10)
@@ -213,3 +212,54 @@ def test_a_tampered_or_foreign_cookie_is_no_session(srv: BastionServer) -> None:
         resp = requests.get(srv.admin_url + "/flows", cookies={"bastion_session": forged}, allow_redirects=False,
                             timeout=10)
         assert resp.status_code == 303 and resp.headers["Location"].startswith("/login")
+
+
+def test_a_deeply_nested_body_cannot_blow_up_its_page(srv: BastionServer, upstream: Upstream) -> None:
+    """Re-indenting grows with nesting: a small body of deep arrays must give a bounded page, and a body too
+    deep to parse must not make its flow unreadable."""
+    deep = ("[" * 4000 + "]" * 4000).encode()
+    wide = b"[" + b",".join([deep] * 12) + b"]"
+    too_deep = ("[" * 20000 + "]" * 20000).encode()
+    ids = []
+    for body in (wide, too_deep):
+        r = agent(srv).post(f"{upstream.http_url}/nested/{uuid.uuid4().hex[:6]}", data=body,
+                            headers={"Content-Type": "application/json"}, timeout=30)
+        ids.append(r.headers["X-Bastion-Request-Id"])
+    s, _ = session_for(srv, "bob")
+    for request_id in ids:
+        deadline = time.monotonic() + 20
+        while s.get(srv.admin_url + f"/api/flows/{request_id}").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        page = s.get(srv.admin_url + f"/flows/{request_id}")
+        assert page.status_code == 200 and len(page.content) < 2 << 20
+
+
+def test_a_new_token_ends_the_old_sessions(tmp_path: Path, bastion_home: Path, test_certs: CertFiles) -> None:
+    rules = write_policy(tmp_path / "rules.yaml")
+    with run_bastion(tmp_path / "a", [rules], home=bastion_home, upstream_ca=test_certs.ca_cert,
+                     extra_args=["--store", f"sqlite:///{tmp_path / 'store.db'}"]) as a:
+        s, _ = session_for(a, "bob")
+        assert s.get(a.admin_url + "/flows", allow_redirects=False).status_code == 200
+        import hashlib
+
+        text = rules.read_text().replace(hashlib.sha256(USERS["bob"].encode()).hexdigest(),
+                                         hashlib.sha256(b"bob-new-token").hexdigest())
+        rules.write_text(text)
+        assert requests.post(a.admin_url + "/api/rules/reload", timeout=10,
+                             headers={"Authorization": f"Bearer {USERS['carol']}"}).status_code == 200
+        assert s.get(a.admin_url + "/flows", allow_redirects=False).status_code == 303
+
+
+def test_one_user_cannot_take_every_live_view(srv: BastionServer) -> None:
+    s, _ = session_for(srv, "bob")
+    streams = [s.get(srv.admin_url + "/flows/stream", stream=True, timeout=10) for _ in range(3)]
+    try:
+        assert [r.status_code for r in streams] == [200, 200, 503]
+        other, _ = session_for(srv, "carol")
+        mine = other.get(srv.admin_url + "/flows/stream", stream=True, timeout=10)
+        assert mine.status_code == 200
+        mine.close()
+    finally:
+        for r in streams:
+            r.close()

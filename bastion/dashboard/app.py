@@ -75,6 +75,8 @@ def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyC
     app[READY_CHECKS] = list(ready_checks)
     app[SESSIONS] = codec
     app[MODE] = mode
+    app[pages.STREAMS] = set()
+    app[pages.STATS] = {}
     app.on_response_prepare.append(add_security_headers)
     env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(HERE / "templates")),
                                autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
@@ -94,7 +96,7 @@ def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyC
     app.router.add_get("/approvals/{id}", pages.approval_detail)
     app.router.add_post("/approvals/{id}/{verdict}", forms.decide)
     app.router.add_get("/locks", pages.locks)
-    app.router.add_post("/locks/{key:.+}/{action:release|handoff}", forms.lock_action)
+    app.router.add_post(r"/locks/{key:[\s\S]+}/{action:release|handoff}", forms.lock_action)
     app.router.add_get("/agents", pages.agents)
     app.router.add_get("/rules", pages.rules)
     app.router.add_post("/rules/reload", forms.reload_rules)

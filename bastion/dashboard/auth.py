@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
-from bastion.dashboard.session import COOKIE, Session, SessionCodec
+from bastion.dashboard.session import COOKIE, Session, SessionCodec, token_tag
 
 USER: web.RequestKey[Any] = web.RequestKey("bastion_user", object)
 """`request[USER]`: the authenticated `UserSpec` (set by the middleware on every non-public request)."""
@@ -111,6 +111,8 @@ def auth_middleware(directory: Callable[[], UserDirectory], codec: SessionCodec)
         else:
             session = codec.read(request.cookies.get(COOKIE))
             user = policy.users.get(session.user) if session is not None else None
+            if user is not None and session is not None and session.token != token_tag(user.token_sha256):
+                user = None  # the user's token was replaced since this session began
             if user is None:
                 if api:
                     return unauthorized("This API needs a user token: send 'Authorization: Bearer <token>'.")
@@ -120,12 +122,14 @@ def auth_middleware(directory: Callable[[], UserDirectory], codec: SessionCodec)
                 raise web.HTTPSeeOther("/login")
             if request.method in UNSAFE:
                 given = await csrf_token_of(request)
+                if path == "/logout" and same_origin(request):
+                    given = session.csrf  # logging out needs no token (a user without a role has no page)
                 if not same_origin(request) or given is None or not hmac.compare_digest(given, session.csrf):
                     return json_error(403, "csrf", "This request did not come from a Bastion page (missing or "
                                                    "wrong CSRF token); reload the page and try again.")
         request[USER] = user
         request[SESSION] = session
-        if not policy.user_matches(user, READERS):
+        if not policy.user_matches(user, READERS) and path != "/logout":
             if api:
                 return json_error(403, "forbidden", f"User {user.name!r} has none of the roles viewer, approver "
                                                     "or admin, so Bastion shows them nothing.")

@@ -30,10 +30,15 @@ def _back(path: str, notice: str) -> web.HTTPSeeOther:
 
 
 def _safe_next(value: str | None) -> str:
-    """Only a path of this listener: never `//host` or a scheme (no open redirect)."""
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+    """Only a path of this listener: never `//host`, a scheme, a backslash or a control character (URL
+    libraries drop tabs and newlines, so `/\t/host` would become `//host`): no open redirect."""
+    from urllib.parse import urlsplit
+
+    if (not value or not value.startswith("/") or value.startswith("//") or "\\" in value
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)):
         return "/"
-    return value
+    parts = urlsplit(value)
+    return "/" if parts.scheme or parts.netloc else value
 
 
 async def login_page(request: web.Request) -> web.Response:
@@ -51,7 +56,7 @@ async def login(request: web.Request) -> web.Response:
         log.info("dashboard login refused from %s", request.remote)
         return aiohttp_jinja2.render_template("login.html", request, {
             "next": target, "error": "That token is not valid for these rules.", "active": "login"}, status=401)
-    value, _ = request.app[SESSIONS].issue(user.name)  # always a new session: no fixation
+    value, _ = request.app[SESSIONS].issue(user.name, user.token_sha256)  # always a new session: no fixation
     log.info("dashboard login: %s", user.name)
     resp = web.HTTPSeeOther(target)
     set_cookie(resp, request, value)

@@ -48,8 +48,9 @@ def install(app: web.Application, store: LockStore) -> None:
     app[LOCK_ADMIN_LISTENERS] = []
     app[READY_CHECKS].append(("store", _ready_check(store)))
     app.router.add_get("/api/locks", list_locks)
-    app.router.add_post("/api/locks/{key:.+}/release", release_lock)
-    app.router.add_post("/api/locks/{key:.+}/handoff", handoff_lock)
+    # [\s\S]: a key may hold any character, a newline from an agent's URL too
+    app.router.add_post(r"/api/locks/{key:[\s\S]+}/release", release_lock)
+    app.router.add_post(r"/api/locks/{key:[\s\S]+}/handoff", handoff_lock)
 
 
 def _ready_check(store: LockStore) -> Callable[[], Any]:

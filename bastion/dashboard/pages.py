@@ -28,13 +28,19 @@ from bastion.audit.sinks.base import parse_page_key
 from bastion.coord.approvals import may_decide
 from bastion.coord.store import StoreUnavailable, iso_time
 from bastion.dashboard.app import POLICY_SOURCE, READY_CHECKS
-from bastion.dashboard.auth import SESSION, USER
+from bastion.dashboard.auth import READERS, SESSION, USER
 from bastion.dashboard.flows_api import DECISIONS, summary
 from bastion.dashboard.keys import APPROVAL_STORE, AUDIT_READER, LOCK_STORE, MODE
 
 log = logging.getLogger("bastion.dashboard")
 
 PAGE_SIZE = 50
+SHOW_CHARS = 256 << 10
+"""A body is shown up to this many characters (the whole stored record stays available as JSON and HAR)."""
+PRETTY_CHARS = 64 << 10
+"""JSON bodies up to this size are re-indented for reading; larger ones are shown as stored."""
+STATS_SECONDS = 15.0
+"""The last hour's counts are computed at most this often per process (every page shows the same)."""
 HOUR_US = 3600 * 1_000_000
 DENY_REASONS = ("Not within policy", "Wrong amount or target", "Needs a ticket first", "Suspicious arguments",
                 "Wrong environment")
@@ -55,29 +61,51 @@ def render(request: web.Request, template: str, active: str, data: dict[str, Any
     return aiohttp_jinja2.render_template(template, request, context(request, active, **data), status=status)
 
 
+class AuditUnavailable(Exception):
+    """The audit store cannot be opened or read: pages say so instead of failing."""
+
+
 async def _audit(request: web.Request) -> Any:
     store = request.app.get(AUDIT_READER)
     if store is None:
         return None
-    await store.open()
+    try:
+        await store.open()
+    except Exception as e:  # a down or misconfigured sink must degrade the page, never 500 it
+        raise AuditUnavailable(str(e) or type(e).__name__) from e
     return store
 
 
 # -- overview -------------------------------------------------------------------------------------------------
 
 
+STATS: web.AppKey[dict[str, Any]] = web.AppKey("bastion_hour_stats", dict)
+
+
 async def hour_stats(request: web.Request) -> dict[str, Any]:
-    """The last hour by agent and outcome, from one grouped count (None where the store cannot count)."""
-    store = await _audit(request)
+    """The last hour by agent and outcome, from one grouped count, shared by every page for `STATS_SECONDS`
+    (the count scans the hour's index range: many viewers must not multiply it)."""
+    cache = request.app[STATS]
+    lock = cache.setdefault("lock", asyncio.Lock())
+    async with lock:
+        if cache.get("at", 0.0) + STATS_SECONDS > time.monotonic():
+            return cache["value"]  # type: ignore[no-any-return]
+        value = await _hour_stats(request)
+        cache.update(at=time.monotonic(), value=value)
+        return value
+
+
+async def _hour_stats(request: web.Request) -> dict[str, Any]:
     since = int(time.time() * 1_000_000) - HOUR_US
     out: dict[str, Any] = {"available": False, "agents": {}, "rules": {}, "total": 0, "denials": 0,
                            "p50_ms": None, "p95_ms": None, "error": None}
-    if store is None:
-        return out
     try:
+        store = await _audit(request)
+        if store is None:
+            return out
         rows, durations = await asyncio.gather(store.stats(since), store.durations(since, 1000))
-    except (StoreError, OSError) as e:
-        out["error"] = str(e)
+    except Exception as e:
+        out["error"] = str(e) or type(e).__name__
         return out
     if rows is None:
         return out
@@ -195,12 +223,15 @@ def _matches_extra(record: AuditRecord, given: dict[str, str]) -> bool:
 
 async def flows(request: web.Request) -> web.Response:
     query, given, problems = flow_query(request.query)
-    store = await _audit(request)
     rows: list[dict[str, Any]] = []
     next_url = None
     error = None
+    try:
+        store = await _audit(request)
+    except AuditUnavailable as e:
+        store, error = None, f"The audit store cannot be read: {e}"
     if store is None:
-        error = "This dashboard has no audit store (--audit)."
+        error = error or "This dashboard has no audit store (--audit)."
     else:
         try:
             extra = "rule" in given or "status" in given
@@ -208,7 +239,7 @@ async def flows(request: web.Request) -> web.Response:
             rows = [summary(r) for r in page.records if _matches_extra(r, given)][:PAGE_SIZE]
             if page.next:
                 next_url = "/flows?" + urlencode({**given, "before": page.next})
-        except (StoreError, OSError) as e:
+        except Exception as e:
             error = f"The audit store cannot be read: {e}"
     filters_qs = urlencode(given)
     return render(request, "flows.html", "flows", {
@@ -225,26 +256,37 @@ def _fields(q: RecordQuery) -> dict[str, Any]:
 
 
 MAX_STREAMS = 32
-_STREAMS: web.AppKey[set[Any]] = web.AppKey("bastion_flow_streams", set)
+MAX_STREAMS_PER_USER = 2
+STREAMS: web.AppKey[set[Any]] = web.AppKey("bastion_flow_streams", set)
 
 
 async def flow_stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: one `flow` event per new record matching the page's filters (summaries only), so a
     page follows new calls with one connection instead of polling."""
-    streams = request.app.setdefault(_STREAMS, set()) if _STREAMS not in request.app else request.app[_STREAMS]
-    if len(streams) >= MAX_STREAMS:
-        raise web.HTTPServiceUnavailable(text="Too many live views are open; reload later.")
+    streams = request.app[STREAMS]
+    user = request[USER]
+    if len(streams) >= MAX_STREAMS or sum(1 for u, _ in streams if u == user.name) >= MAX_STREAMS_PER_USER:
+        raise web.HTTPServiceUnavailable(text="Too many live views are open; close some, or reload later.")
     _, given, _ = flow_query(request.query)
-    store = await _audit(request)
+    try:
+        store = await _audit(request)
+    except AuditUnavailable as e:
+        raise web.HTTPServiceUnavailable(text=f"The audit store cannot be read: {e}") from None
     if store is None:
         raise web.HTTPNotFound(text="no audit store")
+    source = request.app[POLICY_SOURCE]
+    entry = (user.name, object())
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
-    streams.add(resp)
+    streams.add(entry)
     try:
         _, token = await store.changes(None)
         while True:
+            current = source.policy.users.get(user.name)
+            if current is None or current.token_sha256 != user.token_sha256 or \
+                    not source.policy.user_matches(current, READERS):
+                break  # the user was removed, their token changed, or they lost their role: stop at once
             records, token = await store.changes(token, 200)
             for record in records:
                 if _live_match(record, given):
@@ -255,14 +297,16 @@ async def flow_stream(request: web.Request) -> web.StreamResponse:
                 await asyncio.sleep(1.0)
     except (ConnectionResetError, asyncio.CancelledError):
         pass
-    except (StoreError, OSError) as e:
+    except Exception as e:
         log.warning("live flows stream ended: %s", e)
     finally:
-        streams.discard(resp)
+        streams.discard(entry)
     return resp
 
 
 def _live_match(record: AuditRecord, given: dict[str, str]) -> bool:
+    if "since" in given or "until" in given:
+        return False  # a page bounded in time gets no live rows
     if "agent" in given and record.agent != given["agent"]:
         return False
     if "decision" in given and record.effect != given["decision"]:
@@ -291,16 +335,21 @@ def body_view(body: Body | None, headers: list[tuple[str, str]]) -> dict[str, An
     except UnicodeDecodeError:
         return view
     mime = (body.mime_type or "").lower()
-    if "json" in mime or text[:1] in "{[":
+    shown = text[:SHOW_CHARS]
+    view["shown_cut"] = len(text) > SHOW_CHARS
+    if ("json" in mime or text[:1] in "{[") and len(text) <= PRETTY_CHARS:
         try:
-            view.update(kind="json", text=json.dumps(json.loads(text), indent=2, ensure_ascii=False))
+            pretty = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+        except (ValueError, RecursionError):
+            pretty = None
+        # Indentation grows with nesting: a small, deeply nested body must not become a huge page.
+        if pretty is not None and len(pretty) <= SHOW_CHARS:
+            view.update(kind="json", text=pretty)
             return view
-        except ValueError:
-            pass
     if "event-stream" in mime:
-        view.update(kind="sse", text=text, assembled=_assemble_sse(text))
+        view.update(kind="sse", text=shown, assembled=_assemble_sse(text)[:SHOW_CHARS])
         return view
-    view.update(kind="text", text=text)
+    view.update(kind="text", text=shown)
     return view
 
 
@@ -315,7 +364,7 @@ def _assemble_sse(text: str) -> str:
             continue
         try:
             event = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             out.append(data)
             continue
         if not isinstance(event, dict):
@@ -331,13 +380,15 @@ def _assemble_sse(text: str) -> str:
 
 
 async def flow_detail(request: web.Request) -> web.Response:
-    store = await _audit(request)
     record_id = request.match_info["id"]
-    if store is None:
-        raise web.HTTPNotFound(text="This dashboard has no audit store.")
     try:
+        store = await _audit(request)
+        if store is None:
+            raise web.HTTPNotFound(text="This dashboard has no audit store.")
         record = await store.get(record_id)
-    except (StoreError, OSError) as e:
+    except web.HTTPException:
+        raise
+    except Exception as e:
         raise web.HTTPServiceUnavailable(text=f"The audit store cannot be read: {e}") from None
     if record is None:
         return render(request, "missing.html", "flows", {"what": f"audit record {record_id}"}, status=404)

@@ -1,6 +1,7 @@
 """Browser sessions for the dashboard: a user logs in with their user token and gets an encrypted cookie.
 
-The cookie holds only the user's name, a CSRF token and an expiry, encrypted and authenticated with Fernet
+The cookie holds only the user's name, a CSRF token, an expiry and a tag of the user's token hash (a new
+token in the rules ends the sessions begun with the old one), encrypted and authenticated with Fernet
 (AES-CBC + HMAC, from the `cryptography` package) under a key kept in `<home>/dashboard.key` (0600), so every
 dashboard process of a home accepts the others' sessions and a restart does not log people out. The name is
 resolved against the *current* rules on every request: a reload that removes the user (or their roles) ends
@@ -31,6 +32,7 @@ class Session:
     user: str
     csrf: str
     expires: float
+    token: str = ""  # a prefix of the user's token_sha256 when the session began: a new token ends it
 
 
 def load_key(home: Path | None) -> bytes:
@@ -57,9 +59,9 @@ class SessionCodec:
     def __init__(self, key: bytes) -> None:
         self._fernet = Fernet(key)
 
-    def issue(self, user: str) -> tuple[str, Session]:
-        session = Session(user, secrets.token_urlsafe(24), time.time() + SESSION_SECONDS)
-        blob = json.dumps({"u": session.user, "c": session.csrf, "e": session.expires}).encode()
+    def issue(self, user: str, token_sha256: str | None = None) -> tuple[str, Session]:
+        session = Session(user, secrets.token_urlsafe(24), time.time() + SESSION_SECONDS, token_tag(token_sha256))
+        blob = json.dumps({"u": session.user, "c": session.csrf, "e": session.expires, "t": session.token}).encode()
         return self._fernet.encrypt(blob).decode(), session
 
     def read(self, cookie: str | None) -> Session | None:
@@ -67,10 +69,16 @@ class SessionCodec:
             return None
         try:
             data = json.loads(self._fernet.decrypt(cookie.encode(), ttl=SESSION_SECONDS + 60))
-            session = Session(str(data["u"]), str(data["c"]), float(data["e"]))
+            session = Session(str(data["u"]), str(data["c"]), float(data["e"]), str(data.get("t", "")))
         except (InvalidToken, ValueError, KeyError, TypeError):
             return None
         return session if session.expires > time.time() else None
+
+
+def token_tag(token_sha256: str | None) -> str:
+    """What a session remembers of the user's token: enough to notice it was replaced (rotating a user's token
+    in the rules ends their sessions), never the token itself."""
+    return (token_sha256 or "")[:16]
 
 
 def set_cookie(response: web.StreamResponse, request: web.Request, value: str) -> None:

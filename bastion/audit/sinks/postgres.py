@@ -8,6 +8,7 @@ schema is created if missing, under an advisory lock so that sidecars starting t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -146,12 +147,22 @@ class PostgresStore(AuditStore):
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             raise StoreError(f"{self.display_url}: cannot connect: {e}") from None
         try:
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_SCHEMA)
-                await conn.execute(_ddl(self.schema))
-                for ddl in filter_index_ddl(f'"{self.schema}".audit_records'):
-                    await conn.execute(ddl)
-            await _analyze_if_never(pool, self._records)
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_SCHEMA)
+                    await conn.execute(_ddl(self.schema))
+                    for ddl in filter_index_ddl(f'"{self.schema}".audit_records'):
+                        await conn.execute(ddl)
+            except asyncpg.InsufficientPrivilegeError as e:
+                # A read-only role (a central dashboard) can use tables the sidecars created.
+                if await pool.fetchval("SELECT to_regclass($1)", self._records) is None:
+                    raise StoreError(f"{self.display_url}: cannot create the audit tables: {e}") from None
+                log.info("audit: %s is read-only for this role; using the existing tables", self.display_url)
+            with contextlib.suppress(asyncpg.PostgresError):
+                await _analyze_if_never(pool, self._records)
+        except asyncpg.PostgresError as e:
+            await pool.close()
+            raise StoreError(f"{self.display_url}: {e}") from None
         except BaseException:
             await pool.close()
             raise
