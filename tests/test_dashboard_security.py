@@ -263,3 +263,12 @@ def test_one_user_cannot_take_every_live_view(srv: BastionServer) -> None:
     finally:
         for r in streams:
             r.close()
+
+
+def test_agents_api(srv: BastionServer, upstream: Upstream) -> None:
+    agent(srv).get(f"{upstream.http_url}/seen", timeout=10)
+    resp = requests.get(srv.admin_url + "/api/agents", headers={"Authorization": f"Bearer {USERS['bob']}"},
+                        timeout=10)
+    agents = {a["name"]: a for a in resp.json()["agents"]}
+    assert set(agents) == {"support-bot", "billing-bot"} and agents["support-bot"]["owner"] == "olga"
+    assert requests.get(srv.admin_url + "/api/agents", timeout=10).status_code == 401

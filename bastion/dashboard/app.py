@@ -98,6 +98,7 @@ def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyC
     app.router.add_get("/locks", pages.locks)
     app.router.add_post(r"/locks/{key:[\s\S]+}/{action:release|handoff}", forms.lock_action)
     app.router.add_get("/agents", pages.agents)
+    app.router.add_get("/api/agents", pages.agents_json)
     app.router.add_get("/rules", pages.rules)
     app.router.add_post("/rules/reload", forms.reload_rules)
     app.router.add_get("/healthz", healthz)

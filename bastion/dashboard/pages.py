@@ -24,7 +24,7 @@ from aiohttp import web
 
 from bastion.audit.record import OUTCOMES, AuditRecord, Body
 from bastion.audit.sinks import RecordQuery, StoreError
-from bastion.audit.sinks.base import parse_page_key
+from bastion.audit.sinks.base import page_key, parse_page_key
 from bastion.coord.approvals import may_decide
 from bastion.coord.store import StoreUnavailable, iso_time
 from bastion.dashboard.app import POLICY_SOURCE, READY_CHECKS
@@ -236,9 +236,13 @@ async def flows(request: web.Request) -> web.Response:
         try:
             extra = "rule" in given or "status" in given
             page = await store.query(query if not extra else RecordQuery(**{**_fields(query), "limit": 500}))
-            rows = [summary(r) for r in page.records if _matches_extra(r, given)][:PAGE_SIZE]
-            if page.next:
-                next_url = "/flows?" + urlencode({**given, "before": page.next})
+            matching = [r for r in page.records if _matches_extra(r, given)]
+            rows = [summary(r) for r in matching[:PAGE_SIZE]]
+            cursor = page.next
+            if len(matching) > PAGE_SIZE:  # the next page starts after the last row shown, not the last scanned
+                cursor = page_key(matching[PAGE_SIZE - 1])
+            if cursor:
+                next_url = "/flows?" + urlencode({**given, "before": cursor})
         except Exception as e:
             error = f"The audit store cannot be read: {e}"
     filters_qs = urlencode(given)
@@ -488,6 +492,19 @@ async def agents(request: web.Request) -> web.Response:
         rows.append({"spec": spec, "calls": s.get("calls", 0), "denied": s.get("denied", 0),
                      "refused": s.get("refused", 0), "last_us": s.get("last_us") or None})
     return render(request, "agents.html", "agents", {"rows": rows, "stats": stats})
+
+
+async def agents_json(request: web.Request) -> web.Response:
+    """`GET /api/agents`: every agent of the rules with its calls, denials and last call in the last hour."""
+    policy = request.app[POLICY_SOURCE].policy
+    stats = await hour_stats(request)
+    out = []
+    for name, spec in sorted(policy.agents.items()):
+        s = stats["agents"].get(name, {})
+        out.append({**spec.to_json(), "calls_1h": s.get("calls", 0), "denied_1h": s.get("denied", 0),
+                    "refused_1h": s.get("refused", 0),
+                    "last_seen": fmt_time(s["last_us"], True) if s.get("last_us") else None})
+    return web.json_response({"agents": out, "counted": stats["available"]})
 
 
 async def rules(request: web.Request) -> web.Response:
