@@ -1,6 +1,6 @@
 """Prometheus metrics, all in one registry so `/metrics` shows exactly Bastion's series.
 
-Names are part of the public interface (DESIGN.md "Admin listener"): they start with `bastion_`, the
+Names are part of the public interface (README "Admin listener"): they start with `bastion_`, the
 `decision` label takes `allow`, `deny`, `hold`, and token `kind` takes `input`, `output`, `cached`.
 Label values that come from outside (agent names, models) are bounded by the policy (agents) or truncated.
 """

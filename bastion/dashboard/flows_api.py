@@ -1,6 +1,6 @@
 """Audit flows in the admin API: list, read one full request/response pair, download it as HAR.
 
-Routes (DESIGN.md "Admin listener"); any authenticated user may read:
+Routes; any user with the viewer, approver or admin role may read (see `auth`):
 
 - `GET /api/flows[?agent=&decision=&outcome=&host=&q=&limit=&before=]` -> `{"flows": [summary, ...], "next": CURSOR}`,
   newest first. `decision` is the enforced effect (allow, deny, hold), `outcome` how the exchange ended

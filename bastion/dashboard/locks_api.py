@@ -1,6 +1,6 @@
-"""Task locks in the admin API: any user may list them, an `admin` may release or hand one off.
+"""Task locks in the admin API: any reader may list them, an `admin` may release or hand one off.
 
-Routes (DESIGN.md "Admin listener"); `{key}` is the lock key, URL-encoded (`ticket%3A42`; a `/` in a key may
+Routes; `{key}` is the lock key, URL-encoded (`ticket%3A42`; a `/` in a key may
 be sent as is or as `%2F`):
 
 - `GET /api/locks` -> `{"locks": [{key, holder, fence, acquired_at, expires_at, handoff_to}, ...]}`
@@ -43,7 +43,7 @@ ADMIN = ["role:admin"]
 
 
 def install(app: web.Application, store: LockStore) -> None:
-    """Add the lock routes and a `store` readiness check (DESIGN: /readyz = policy loaded, store reachable)."""
+    """Add the lock routes and a `store` readiness check (/readyz: policy loaded, store reachable)."""
     app[LOCK_STORE] = store
     app[LOCK_ADMIN_LISTENERS] = []
     app[READY_CHECKS].append(("store", _ready_check(store)))

@@ -1,6 +1,6 @@
 """The compiled, immutable policy and its evaluation.
 
-Evaluation semantics (DESIGN.md "Rules"):
+Evaluation semantics (README "Rules"):
 
 - Every rule whose `agents` select the caller and whose `match` holds (and no `unless` block holds) *matches*.
   Rule order never matters. The decision is the strongest matched effect: deny > hold > allow, else

@@ -19,7 +19,7 @@ from bastion.proxy import flowmeta
 
 log = logging.getLogger("bastion.proxy")
 
-# error.type values (DESIGN.md "What the agent sees"), plus the protocol-level refusals of this module.
+# error.type values (README "What the agent sees"), plus the protocol-level refusals of this module.
 PROXY_AUTH_REQUIRED = "proxy_auth_required"
 POLICY_DENIED = "policy_denied"
 AGENT_RETIRED = "agent_retired"
