@@ -1,6 +1,7 @@
 """Policy authors' commands: `check`, `explain`, `test`, `token`.
 
-Exit codes (README "Configuration reference"): `check` 0 ok / 3 invalid; `explain` 0 allow / 2 deny or hold / 3 invalid policy;
+Exit codes (README, "Configuration reference"): `check` 0 ok / 3 invalid; `explain` 0 allow / 2 deny or
+hold / 3 invalid policy;
 `test` 0 all pass / 1 any failure / 3 invalid policy. Problems are printed as `FILE:LINE: message`, never as
 a traceback.
 """
