@@ -26,6 +26,12 @@ def register(sub: Any) -> None:
     p.add_argument("--upstream-ca", metavar="FILE",
                    help="a CA (PEM) that upstream certificates may chain to, in addition to the system roots "
                    "(BASTION_UPSTREAM_CA)")
+    p.add_argument("--header-timeout", metavar="SECONDS",
+                   help="close a client connection that has not sent a complete request head this long after "
+                   "it opened or its last exchange ended (BASTION_HEADER_TIMEOUT, default 60)")
+    p.add_argument("--idle-timeout", metavar="SECONDS",
+                   help="close a connection, tunnels and streams included, after this long without a byte in "
+                   "either direction (BASTION_IDLE_TIMEOUT, default 300)")
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("run", help="run a command as an agent, with its traffic going through Bastion",

@@ -26,6 +26,7 @@ from bastion.metrics import DECISION_SECONDS, REQUESTS
 from bastion.policy.decision import Decision
 from bastion.policy.facts import DEFAULT_BODY_LIMIT, FactsError, RequestFacts, canonical_host
 from bastion.proxy import flowmeta, responses
+from bastion.proxy.httplimits import BodyLimit
 from bastion.proxy.settings import MAX_HEADER_BYTES, MAX_REQUEST_BODY
 
 log = logging.getLogger("bastion.proxy")
@@ -78,6 +79,7 @@ class Enforce:
         self.max_header_bytes = max_header_bytes
         self.json_body_limit = json_body_limit
         self._counters: dict[tuple[str, str], Any] = {}
+        self._body_limit = BodyLimit(max_request_body, self._too_large)
 
     # -- hooks ----------------------------------------------------------------------------------------------
 
@@ -104,6 +106,9 @@ class Enforce:
                 n = -1
             if n > self.max_request_body:
                 self._too_large(flow, n)
+                return
+        # A body without a length (chunked, HTTP/2) is counted while it arrives and refused at the limit.
+        flow.metadata[flowmeta.BODY_LIMIT] = self._body_limit
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:

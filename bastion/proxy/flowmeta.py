@@ -27,6 +27,8 @@ Set per agent request (not on CONNECT flows, except REQUEST_ID, AGENT and POLICY
   approval), granted (`id` is the grant's), denied, cancelled, expired, given_back (it passed the hold but a
   later stage refused it, so the approval was returned for the re-send); `decided_by`, `note` may be None;
   `waited_s` is how long the agent's connection was held.
+- BODY_LIMIT: `bastion.proxy.httplimits.BodyLimit`, how many body bytes this request may send before it is
+  refused with 413 while it arrives (set by enforcement at `requestheaders`).
 - CAPTURE: the audit capture's own state for this exchange (`bastion.proxy.exchange.Exchange`): what the
   agent sent, taken before any stage changes the request, and the response body tap. Only capture uses it.
 """
@@ -46,6 +48,7 @@ LOCKS = "bastion.locks"
 LOCK_EVENTS = "bastion.lock_events"
 APPROVAL = "bastion.approval"
 CAPTURE = "bastion.capture"
+BODY_LIMIT = "bastion.body_limit"
 
 OBLIGATION_APPROVAL = "approval"
 OBLIGATION_LOCK = "lock"

@@ -58,6 +58,8 @@ class Gate:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._inflight.add(flow.id)
         self._idle.clear()
+        if flow.response is not None:  # answered already: the body must not be asked for (`100 Continue`)
+            flow.request.headers.pop("expect", None)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:

@@ -125,6 +125,8 @@ class NetworkGuard:
             weakref.WeakKeyDictionary())
         self._verdicts: dict[tuple[IPAddress, int], tuple[str, bool] | None] = {}
         self._verdict_allow: object = None
+        # Client connections that opened a tunnel: a CONNECT arriving on one comes from inside the tunnel.
+        self._tunnels: weakref.WeakSet[connection.Client] = weakref.WeakSet()
 
     # -- CONNECT --------------------------------------------------------------------------------------------
 
@@ -134,7 +136,9 @@ class NetworkGuard:
         meta = flow.metadata
         agent = meta.get(flowmeta.AGENT)
         policy: Policy = meta[flowmeta.POLICY]
-        if flow.server_conn.address is not None:  # CONNECT inside a tunnel: would be forwarded verbatim
+        # CONNECT inside a tunnel would be forwarded verbatim. Only a CONNECT that was *answered 2xx* opens
+        # one: a client may retry CONNECT on the same connection after a 407 (libcurl, hence git, does).
+        if flow.client_conn in self._tunnels:
             responses.refuse(flow, 403, responses.DESTINATION_FORBIDDEN,
                              "CONNECT inside a tunnel is not allowed through Bastion.")
             return
@@ -145,6 +149,9 @@ class NetworkGuard:
         if agent is None or not policy.connect_port_allowed(agent, port):
             responses.refuse(flow, 403, responses.POLICY_DENIED,
                              f"No rule allows agent {agent} to connect to port {port}.")
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        self._tunnels.add(flow.client_conn)
 
     # -- after the policy decision --------------------------------------------------------------------------
 

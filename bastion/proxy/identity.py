@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import re
 import time
 import weakref
 from dataclasses import dataclass
@@ -63,18 +64,34 @@ class _Verified:
     spec: AgentSpec
 
 
+class MalformedHeaders(ValueError):
+    """A request whose header block a lenient upstream (or Bastion itself) could read two ways."""
+
+
+_LINE_BREAKING = re.compile(rb"[\r\n\x00]")
+
+
 def strip_private_headers(headers: http.Headers) -> str | None:
     """Remove `Proxy-Authorization`, `Proxy-Connection` and `X-Bastion-*`; return the Proxy-Authorization
-    value if there was one. Allocates only when something is removed (the common tunnel case has none)."""
+    value if there was one. Allocates only when something is removed (the common tunnel case has none).
+
+    Raises `MalformedHeaders` for a CR, LF or NUL in a header name or value (a bare CR is a line break to
+    some upstreams, which would then read headers injected after this stripping, such as a forged
+    `X-Bastion-Agent`) and for two `Proxy-Authorization` headers (which one names the agent?)."""
     fields = headers.fields
     auth: str | None = None
     keep: list[tuple[bytes, bytes]] | None = None
+    search = _LINE_BREAKING.search
     for i, (name, value) in enumerate(fields):
+        if search(value) is not None or search(name) is not None:
+            raise MalformedHeaders(f"header {name.decode('latin-1')[:64]!r} contains a CR, LF or NUL character")
         lname = name.lower()
         if lname == b"proxy-authorization" or lname == b"proxy-connection" or lname.startswith(b"x-bastion-"):
             if keep is None:
                 keep = list(fields[:i])
-            if lname == b"proxy-authorization" and auth is None:
+            if lname == b"proxy-authorization":
+                if auth is not None:
+                    raise MalformedHeaders("the request has more than one Proxy-Authorization header")
                 auth = value.decode("latin-1")
         elif keep is not None:
             keep.append((name, value))
@@ -98,7 +115,12 @@ class Identity:
         meta = flow.metadata
         meta[flowmeta.REQUEST_ID] = new_request_id()
         policy = meta[flowmeta.POLICY] = self._state.policy
-        header = flow.request.headers.get("proxy-authorization")
+        auths = flow.request.headers.get_all("proxy-authorization")
+        if len(auths) > 1:
+            responses.refuse(flow, 400, responses.BAD_REQUEST,
+                             "Malformed request: the CONNECT has more than one Proxy-Authorization header.")
+            return
+        header = auths[0] if auths else None
         if self._pinned is not None:
             meta[flowmeta.AGENT] = self._pinned
             return
@@ -114,8 +136,15 @@ class Identity:
         meta = flow.metadata
         meta[flowmeta.STARTED] = time.monotonic()
         meta[flowmeta.REQUEST_ID] = new_request_id()
-        header = strip_private_headers(flow.request.headers)
         policy = meta[flowmeta.POLICY] = self._state.policy
+        try:
+            header = strip_private_headers(flow.request.headers)
+        except MalformedHeaders as e:
+            if self._pinned is not None:
+                meta[flowmeta.AGENT] = self._pinned
+            responses.refuse(flow, 400, responses.BAD_REQUEST, f"Malformed request: {e}.",
+                             headers={"connection": "close"})
+            return
         if self._pinned is not None:
             self._admit(flow, policy.agents.get(self._pinned), self._pinned)
             return

@@ -110,9 +110,11 @@ def normalize(ip: IPAddress) -> IPAddress:
 class ProtectedTargets:
     """Bastion's own listeners and its store/audit services: never reachable through the proxy.
 
-    `local_ports` are the admin and proxy ports, refused on every address of this host (loopback,
-    unspecified and the host's own interface addresses). `pairs` are resolved store/audit addresses,
-    `names` their host names (checked before DNS, so a changed record does not open them up).
+    `local_ports` are the admin and proxy ports, and the ports of store/audit services that run on this host:
+    each is refused on every address of this host (any loopback address, the unspecified address, which
+    Linux connects to this host, the host's own interface addresses, and every IPv6 form that carries one of
+    them). `pairs` are the resolved addresses of services elsewhere, `names` their host names (checked before
+    DNS, so a changed record does not open them up).
     """
 
     local_ports: set[int] = field(default_factory=set)
@@ -123,30 +125,38 @@ class ProtectedTargets:
 
     def add_local(self, port: int, label: str, bind_host: str | None = None) -> None:
         self.local_ports.add(port)
-        self.labels[port] = label
+        self.labels.setdefault(port, label)
         if bind_host:
             ip = parse_ip(bind_host)
             if ip is not None:
                 self.local_ips.add(normalize(ip))
 
     def add_service(self, host: str, port: int, label: str, addresses: Iterable[IPAddress]) -> None:
+        """A store/audit service. One on this host is protected on every local address form, whatever the
+        address it was configured with: Redis on 127.0.0.1 answers on 0.0.0.0 and often on [::1] too."""
         self.names[(host.lower().rstrip("."), port)] = label
         for ip in addresses:
-            self.pairs[(normalize(ip), port)] = label
+            ip = normalize(ip)
+            if self._is_local(ip):
+                self.local_ports.add(port)
+                self.labels.setdefault(port, label)
+            self.pairs[(ip, port)] = label
 
     def name_label(self, host: str, port: int) -> str | None:
         return self.names.get((host, port))
 
     def address_label(self, ip: IPAddress, port: int) -> str | None:
         ip = normalize(ip)
-        if port in self.local_ports:
-            if ip.is_loopback or ip.is_unspecified or ip in self.local_ips:
-                return self.labels[port]
-            if isinstance(ip, ipaddress.IPv6Address):
-                inner = embedded_ipv4(ip)
-                if inner is not None and (inner.is_loopback or inner.is_unspecified or inner in self.local_ips):
-                    return self.labels[port]
-        return self.pairs.get((ip, port))
+        inner = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+        if port in self.local_ports and (self._is_local(ip) or (inner is not None and self._is_local(inner))):
+            return self.labels[port]
+        label = self.pairs.get((ip, port))
+        if label is None and inner is not None:
+            label = self.pairs.get((inner, port))
+        return label
+
+    def _is_local(self, ip: IPAddress) -> bool:
+        return ip.is_loopback or ip.is_unspecified or ip in self.local_ips
 
 
 def local_addresses() -> set[IPAddress]:

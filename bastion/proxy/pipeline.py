@@ -33,13 +33,14 @@ log = logging.getLogger("bastion.proxy")
 HOOKS = (
     "running", "done",
     "client_connected", "client_disconnected",
-    "http_connect", "requestheaders", "request", "responseheaders", "response", "error",
+    "http_connect", "http_connected", "http_connect_error",
+    "requestheaders", "request", "responseheaders", "response", "error",
     "websocket_start", "websocket_message", "websocket_end",
     "server_connect", "server_connected", "server_connect_error", "server_disconnected",
     "next_layer", "tls_clienthello", "tls_start_client", "tls_start_server",
     "tls_established_client", "tls_failed_client", "tcp_start", "udp_start",
 )
-_DECIDING = frozenset({"http_connect", "requestheaders", "request"})
+_DECIDING = frozenset({"http_connect", "http_connected", "http_connect_error", "requestheaders", "request"})
 
 Method = Callable[..., Any]
 

@@ -64,6 +64,14 @@ def make_error(
     return http.Response.make(status, error_body(error_type, message, request_id, rule, extra), fields)
 
 
+def count_refusal(error_type: str) -> None:
+    """`bastion_refusals_total{type}` += 1."""
+    counter = _REFUSAL_COUNTERS.get(error_type)
+    if counter is None:
+        counter = _REFUSAL_COUNTERS[error_type] = REFUSALS.labels(error_type)
+    counter.inc()
+
+
 def refuse(
     flow: http.HTTPFlow,
     status: int,
@@ -83,10 +91,7 @@ def refuse(
         request_id = meta[flowmeta.REQUEST_ID] = new_request_id()
     flow.response = make_error(status, error_type, message, request_id, rule=rule, extra=extra, headers=headers)
     meta[flowmeta.REFUSAL] = error_type
-    counter = _REFUSAL_COUNTERS.get(error_type)
-    if counter is None:
-        counter = _REFUSAL_COUNTERS[error_type] = REFUSALS.labels(error_type)
-    counter.inc()
+    count_refusal(error_type)
     if log.isEnabledFor(logging.INFO):
         req = flow.request
         log.info("refused %s %s %s %s%s: %s (agent=%s request_id=%s)", status, error_type, req.method,

@@ -83,6 +83,7 @@ class Proxy:
     gate: Any
     guard: Any
     lifecycle: Lifecycle
+    header_timeout: Any
 
 
 def build_proxy(settings: ServeSettings, state: PolicyState, protected: ProtectedTargets,
@@ -94,12 +95,16 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
     from mitmproxy.addons import next_layer, proxyserver, tlsconfig
     from mitmproxy.master import Master
 
+    from bastion.proxy import httplimits
     from bastion.proxy.alpn import PreferHttp2
     from bastion.proxy.enforce import Enforce
     from bastion.proxy.gate import Gate
     from bastion.proxy.guard import InboundGuard, NetworkGuard
     from bastion.proxy.identity import Identity
     from bastion.proxy.pipeline import Pipeline
+    from bastion.proxy.timeouts import HeaderTimeout
+
+    httplimits.install()  # early answers, body and head limits while reading, JSON 502
 
     host, port = settings.listen
     opts = options.Options(
@@ -116,9 +121,12 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
     lifecycle = Lifecycle()
     guard = NetworkGuard(protected)
     gate = Gate()
+    server = proxyserver.Proxyserver()
+    header_timeout = HeaderTimeout(server, settings.header_timeout)
     stages: list[object] = [
         lifecycle,
         InboundGuard(),
+        header_timeout,
         PreferHttp2(),
         Identity(state, settings.agent),
         Enforce(max_request_body=settings.max_request_body, max_header_bytes=settings.max_header_bytes),
@@ -140,14 +148,17 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
     # of every request, so Core (interactive commands), Block (replaced by InboundGuard) and DisableH2C
     # (handled by Enforce) are left out.
     master.addons.add(
-        proxyserver.Proxyserver(),
+        server,
         next_layer.NextLayer(),
         tlsconfig.TlsConfig(),  # before the pipeline: PreferHttp2 adjusts the TLS setup TlsConfig prepares
         Pipeline(stages),
     )
     # Options owned by addons exist only once the addons are loaded.
-    master.options.update(connection_strategy="lazy")  # no upstream connection for refused requests
-    return Proxy(master, gate, guard, lifecycle)
+    master.options.update(
+        connection_strategy="lazy",  # no upstream connection for refused requests
+        tcp_timeout=max(1, round(settings.idle_timeout)),  # mitmproxy's inactivity timeout (per connection)
+    )
+    return Proxy(master, gate, guard, lifecycle, header_timeout)
 
 
 async def protected_targets(settings: ServeSettings) -> ProtectedTargets:
@@ -362,6 +373,7 @@ async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, audi
 
 
 async def _stop_master(proxy: Proxy, run_task: asyncio.Task[Any]) -> None:
+    await proxy.header_timeout.stop()
     ps = proxy.master.addons.get("proxyserver")
     with contextlib.suppress(Exception):
         await ps.servers.update([])

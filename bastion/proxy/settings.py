@@ -30,6 +30,14 @@ read whole before the rules can look at it, so this bounds the memory one reques
 MAX_HEADER_BYTES = 64 << 10
 """Largest total size of a request's header block (bytes); larger ones get 431."""
 
+HEADER_TIMEOUT = 60.0
+"""Seconds a client connection may take to send a complete request head, from when it opened or its last
+exchange ended (slowloris, idle keep-alive connections)."""
+
+IDLE_TIMEOUT = 300.0
+"""Seconds without a byte in either direction after which a connection is closed (tunnels, streams and
+websockets included; a call held for approval is not idle)."""
+
 SHUTDOWN_GRACE = 10.0
 """Seconds in-flight calls get to finish after SIGTERM/SIGINT before connections are cut."""
 
@@ -49,6 +57,8 @@ class ServeSettings:
     max_request_body: int = MAX_REQUEST_BODY
     max_header_bytes: int = MAX_HEADER_BYTES
     grace: float = SHUTDOWN_GRACE
+    header_timeout: float = HEADER_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
 
 
 def service_address(url: str, what: str, schemes: dict[str, int | None]) -> tuple[str, int] | None:
@@ -96,7 +106,13 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         ca_path = Path(upstream_ca).expanduser()
         if not ca_path.is_file():
             raise ConfigError(f"--upstream-ca: no such file: {upstream_ca}")
+    header_timeout = seconds(env_or(getattr(args, "header_timeout", None), "BASTION_HEADER_TIMEOUT"),
+                             "--header-timeout", HEADER_TIMEOUT)
+    idle_timeout = seconds(env_or(getattr(args, "idle_timeout", None), "BASTION_IDLE_TIMEOUT"),
+                           "--idle-timeout", IDLE_TIMEOUT)
     return ServeSettings(
+        header_timeout=header_timeout,
+        idle_timeout=idle_timeout,
         rules=tuple(rules),
         listen=listen,
         admin=admin,
@@ -105,6 +121,19 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         upstream_ca=ca_path,
         protected=tuple(protected),
     )
+
+
+def seconds(value: str | None, flag: str, default: float) -> float:
+    """A positive number of seconds (at most a day), or `default` when not given."""
+    if value is None or value == "":
+        return default
+    try:
+        n = float(value)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a number of seconds, got {value!r}") from None
+    if not 1 <= n <= 86400:
+        raise ConfigError(f"{flag}: must be between 1 and 86400 seconds, got {value}")
+    return n
 
 
 def proxy_url_from_env() -> str:

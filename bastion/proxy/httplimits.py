@@ -1,0 +1,218 @@
+"""What mitmproxy's HTTP layer lacks for a proxy that faces hostile clients, added to its `HttpStream` and
+`Http1Server` classes (`install()`, called once before the proxy starts).
+
+mitmproxy reads a request's whole body into memory before the `request` hook, even when an addon already
+answered the request at `requestheaders`; it has no bound on a request head still arriving; and it answers an
+upstream it cannot reach with an HTML page. Each would let an agent (or anyone who can connect) take the
+sidecar's memory or get an answer without a request id. The hooks an addon gets cannot change any of this, so
+these four behaviours are added to the layer itself, each as a small wrapper around mitmproxy's own method:
+
+1. **Early answer.** A request refused at `requestheaders` (407 without credentials, 413 by `Content-Length`,
+   400, 403 ...) whose body has not arrived is answered at once; the body that follows is read and thrown away
+   (up to `DISCARD_LIMIT`, then the connection is closed), never buffered. Clients that wait for
+   `100 Continue` (curl, for bodies over 1 MiB) never send it.
+2. **Body limit while reading.** A body without `Content-Length` (chunked) is counted as it arrives and
+   refused with 413 the moment it passes the flow's limit (`flowmeta.BODY_LIMIT`), then treated as in 1.
+3. **Bounded request heads.** An HTTP/1 request head still incomplete after `HEAD_LIMIT` bytes gets 431 and
+   the connection is closed (mitmproxy buffers it without limit).
+4. **JSON 502.** An upstream that refuses, resets or breaks the connection before any response header reached
+   the agent gets Bastion's JSON `upstream_unreachable` answer with `X-Bastion-Request-Id`, like every
+   other refusal, instead of mitmproxy's HTML page.
+
+The wrapped methods exist in every mitmproxy 12 release; `install()` refuses to run on a layer that lacks
+them, so an upgrade that changes them fails loudly at startup instead of silently dropping a limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import flow as mflow
+from mitmproxy import http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands
+from mitmproxy.proxy.layers import http as mhttp
+from mitmproxy.proxy.layers.http import _http1
+
+from bastion.ids import new_request_id
+from bastion.proxy import flowmeta, responses
+
+log = logging.getLogger("bastion.proxy")
+
+DISCARD_LIMIT = 256 << 20
+"""Bytes of an answered request's body read and dropped before the connection is closed. Reading it lets a
+client that sends its whole body before reading (python-requests does) see the answer; the limit bounds what
+an endless upload can cost."""
+
+HEAD_LIMIT = 128 << 10
+"""Bytes an HTTP/1 request head may take before it is complete (header block limit plus the request line)."""
+
+_installed = False
+
+
+@dataclass(frozen=True, slots=True)
+class BodyLimit:
+    """Put on `flow.metadata[flowmeta.BODY_LIMIT]` at `requestheaders`: the most body bytes the flow may
+    buffer, and what answers it (sets `flow.response`) when it sends more."""
+
+    limit: int
+    refuse: Callable[[http.HTTPFlow, int], None]
+
+
+CommandGenerator = Generator[Any, Any, Any]
+
+
+def install() -> None:
+    """Wrap the layer methods (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    stream = mhttp.HttpStream
+    for name in ("state_wait_for_request_headers", "state_consume_request_body", "handle_protocol_error",
+                 "send_response", "check_killed", "flow_done"):
+        if not callable(getattr(stream, name, None)):
+            raise RuntimeError(f"this mitmproxy has no HttpStream.{name}; Bastion's request limits cannot apply")
+    if not callable(getattr(_http1.Http1Server, "read_headers", None)):
+        raise RuntimeError("this mitmproxy has no Http1Server.read_headers; Bastion's head limit cannot apply")
+    stream.state_wait_for_request_headers = _after_request_headers(stream.state_wait_for_request_headers)
+    stream.state_consume_request_body = _counting_body(stream.state_consume_request_body)
+    stream.handle_protocol_error = _json_upstream_error(stream.handle_protocol_error)
+    _http1.Http1Server.read_headers = _bounded_head(_http1.Http1Server.read_headers)
+    _installed = True
+
+
+# -- 1. early answer ----------------------------------------------------------------------------------------
+
+
+def _after_request_headers(original: Callable[..., CommandGenerator]) -> Callable[..., CommandGenerator]:
+    def state_wait_for_request_headers(self: Any, event: Any) -> CommandGenerator:
+        yield from original(self, event)
+        flow = getattr(self, "flow", None)
+        if (not event.end_stream and flow is not None and flow.response is not None and not flow.error
+                and self.client_state == self.state_consume_request_body):
+            yield from _answer_now(self)
+
+    return state_wait_for_request_headers
+
+
+def _answer_now(stream: Any) -> CommandGenerator:
+    """Send the response an addon set while the request body is still to come; drop that body."""
+    flow: http.HTTPFlow = stream.flow
+    assert flow.response is not None
+    stream.request_body_buf.clear()
+    flow.response.timestamp_start = time.time()
+    stream.client_state = _discarding(stream)  # before send_response: it must not end the stream yet
+    yield mhttp.HttpResponseHeadersHook(flow)
+    if (yield from stream.check_killed(True)):
+        return
+    yield from stream.send_response()
+
+
+def _discarding(stream: Any) -> Callable[[Any], CommandGenerator]:
+    """A client state that reads the rest of an answered request's body and keeps none of it."""
+    dropped = 0
+
+    def discard_request_body(event: Any) -> CommandGenerator:
+        nonlocal dropped
+        if isinstance(event, mhttp.RequestData):
+            dropped += len(event.data)
+            if dropped > DISCARD_LIMIT:
+                log.info("closing a connection that kept sending a refused request's body (%d bytes)", dropped)
+                stream.client_state = stream.state_errored
+                yield commands.CloseConnection(stream.context.client)
+        elif isinstance(event, mhttp.RequestEndOfMessage):
+            stream.client_state = stream.state_done
+            if stream.server_state == stream.state_done:
+                yield from stream.flow_done()
+        # RequestTrailers: nothing to keep
+
+    discard_request_body.__name__ = "discard_request_body"  # mitmproxy's repr names the state
+    return discard_request_body
+
+
+# -- 2. body limit while reading ----------------------------------------------------------------------------
+
+
+def _counting_body(original: Callable[..., CommandGenerator]) -> Callable[..., CommandGenerator]:
+    def state_consume_request_body(self: Any, event: Any) -> CommandGenerator:
+        if isinstance(event, mhttp.RequestData):
+            bound: BodyLimit | None = self.flow.metadata.get(flowmeta.BODY_LIMIT)
+            size = len(self.request_body_buf) + len(event.data)
+            if bound is not None and size > bound.limit and self.flow.response is None:
+                self.request_body_buf.clear()
+                bound.refuse(self.flow, size)
+                if self.flow.response is not None:
+                    yield from _answer_now(self)
+                    return
+        yield from original(self, event)
+
+    return state_consume_request_body
+
+
+# -- 3. bounded request heads -------------------------------------------------------------------------------
+
+
+def _bounded_head(original: Callable[..., CommandGenerator]) -> Callable[..., CommandGenerator]:
+    def read_headers(self: Any, event: Any) -> CommandGenerator:
+        yield from original(self, event)
+        if self.state == self.read_headers and len(self.buf) > HEAD_LIMIT:
+            log.info("closing a connection whose request head passed %d bytes", HEAD_LIMIT)
+            self.buf.maybe_extract_at_most(len(self.buf))  # free it now, not when the connection goes
+            body = responses.make_error(431, responses.HEADERS_TOO_LARGE,
+                                        f"The request head passed {HEAD_LIMIT} bytes before it was complete.",
+                                        _new_id(), headers={"connection": "close"})
+            yield commands.SendData(self.conn, _assemble(body))
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
+
+    return read_headers
+
+
+def _assemble(response: http.Response) -> bytes:
+    return http1.assemble_response(response)
+
+
+def _new_id() -> str:
+    return new_request_id()
+
+
+# -- 4. JSON 502 --------------------------------------------------------------------------------------------
+
+
+def _json_upstream_error(original: Callable[..., CommandGenerator]) -> Callable[..., CommandGenerator]:
+    def handle_protocol_error(self: Any, event: Any) -> CommandGenerator:
+        flow = getattr(self, "flow", None)
+        if (not isinstance(event, mhttp.ResponseProtocolError) or flow is None or flow.response is not None
+                or event.code == mhttp.ErrorCode.KILL or self.client_state != self.state_done
+                or self.server_state == self.state_errored):
+            yield from original(self, event)
+            return
+        # The upstream failed before a response header reached the agent: answer like any other refusal.
+        if self.server_state != self.state_done:
+            flow.error = mflow.Error(event.message)
+            yield mhttp.HttpErrorHook(flow)
+        if (yield from self.check_killed(False)):
+            return
+        request_id = flow.metadata.get(flowmeta.REQUEST_ID) or _new_id()
+        req = flow.request
+        answer = responses.make_error(
+            502, responses.UPSTREAM_UNREACHABLE,
+            f"Bastion could not get an answer from {req.pretty_host}:{req.port}: {event.message}",
+            request_id, headers={"connection": "close"})
+        responses.count_refusal(responses.UPSTREAM_UNREACHABLE)
+        client = self.context.client
+        yield mhttp.SendHttp(mhttp.ResponseHeaders(self.stream_id, answer, False), client)
+        yield mhttp.SendHttp(mhttp.ResponseData(self.stream_id, answer.raw_content or b""), client)
+        yield mhttp.SendHttp(mhttp.ResponseEndOfMessage(self.stream_id), client)
+        self.server_state = self.state_errored
+        flow.live = False
+        yield mhttp.DropStream(self.stream_id)
+
+    return handle_protocol_error
+
+
+__all__ = ["DISCARD_LIMIT", "HEAD_LIMIT", "BodyLimit", "install"]
