@@ -114,3 +114,26 @@ def test_revision_changes_with_content(tmp_path: Path) -> None:
     r1 = load_policy([f]).revision
     f.write_text("version: 1\ndefaults: {effect: allow}\n")
     assert load_policy([f]).revision != r1
+
+
+def test_normalize_defaults_and_section(tmp_path: Path) -> None:
+    from bastion.policy.facts import NormalizeSettings
+
+    f = tmp_path / "p.yaml"
+    f.write_text("version: 1\ndefaults: {effect: deny}\n")
+    assert load_policy([f]).normalize == NormalizeSettings("cautious", "reject", frozenset())
+    (tmp_path / "p.yaml").write_text("version: 1\ndefaults: {effect: deny}\n")
+    (tmp_path / "q.yaml").write_text("version: 1\nnormalize:\n  path_case: insensitive\n  escaped_slashes: decode\n"
+                                     "  allow: [trailing_dot, semicolon, trailing_dot]\n")
+    got = load_policy([tmp_path]).normalize
+    assert got == NormalizeSettings("insensitive", "decode", frozenset({"semicolon", "trailing_dot"}))
+
+
+def test_normalize_is_set_in_one_file_only(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("version: 1\ndefaults: {effect: deny}\nnormalize: {path_case: sensitive}\n")
+    (tmp_path / "b.yaml").write_text("version: 1\n\nnormalize: {path_case: insensitive}\n")
+    with pytest.raises(PolicyLoadError) as e:
+        load_policy([tmp_path])
+    (issue,) = e.value.issues
+    assert issue.file.endswith("b.yaml") and issue.line == 3
+    assert "`normalize` is already set in" in issue.message and "a.yaml:3" in issue.message

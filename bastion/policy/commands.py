@@ -19,7 +19,7 @@ from typing import Any
 
 from bastion.config import resolve_rules
 from bastion.policy.engine import Policy
-from bastion.policy.load import PolicyLoadError, load_policy
+from bastion.policy.load import PolicyLoadError, load_policy, name_problem
 
 EXIT_OK, EXIT_FAIL, EXIT_REFUSED, EXIT_INVALID = 0, 1, 2, 3
 
@@ -46,8 +46,17 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_test)
 
     p = sub.add_parser("token", help="make a new random token and the YAML line holding its sha256")
-    p.add_argument("name", help="agent or user name")
+    p.add_argument("name", type=_agent_or_user_name,
+                   help="agent or user name: 1-128 letters, digits and _ . @ -, starting with a letter or digit")
     p.set_defaults(handler=cmd_token)
+
+
+def _agent_or_user_name(text: str) -> str:
+    """Only a name the rules accept gets a token line (argparse prints the reason and exits 2)."""
+    problem = name_problem("agent or user", text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _load(paths: list[str]) -> Policy | None:
@@ -104,7 +113,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             headers.setdefault("content-type", "application/json")
         from bastion.policy.facts import RequestFacts
 
-        facts = RequestFacts.from_url(args.method, args.url, headers=headers, body=body)
+        facts = RequestFacts.from_url(args.method, args.url, headers=headers, body=body,
+                                      normalize=policy.normalize)
     except (ValueError, OSError) as e:
         print(f"explain: {e}", file=sys.stderr)
         return EXIT_FAIL

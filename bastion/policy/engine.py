@@ -33,7 +33,7 @@ from bastion.policy.decision import (
     ReleaseAction,
     TraceEntry,
 )
-from bastion.policy.facts import EvalError, RequestFacts
+from bastion.policy.facts import DEFAULT_NORMALIZE, EvalError, NormalizeSettings, RequestFacts
 from bastion.policy.matchers import Captures, Matcher, Template
 from bastion.policy.schema import RuleModel
 
@@ -226,6 +226,7 @@ class Policy:
         revision: str,
         sources: tuple[str, ...],
         approvals: ApprovalSettings | None = None,
+        normalize: NormalizeSettings = DEFAULT_NORMALIZE,
     ) -> None:
         self.default_effect: Effect = default_effect
         self.default_mode: Mode = default_mode
@@ -235,6 +236,7 @@ class Policy:
         self.network_allow_private = network_allow_private
         self.audit = audit
         self.approvals = approvals or ApprovalSettings()
+        self.normalize = normalize  # passed to RequestFacts.build: which path forms are refused or let through
         self.revision = revision
         self.sources = sources
         self._index = {name: _AgentIndex(r for r in rules if self._selects(r.selectors, a)) for name, a in
@@ -409,6 +411,7 @@ class Policy:
             "users": [u.to_json() for u in self.users.values()],
             "rules": [r.to_json() for r in self.rules],
             "network": {"allow_private": [str(n) for n in self.network_allow_private]},
+            "normalize": self.normalize.to_json(),
         }
 
 

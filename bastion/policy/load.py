@@ -3,8 +3,8 @@
 A directory contributes every `*.yaml`/`*.yml` directly inside it, in name order, skipping hidden files (so
 Kubernetes ConfigMap mounts, whose real files sit in `..data/`, load once through their symlinks) and
 `*_test.yaml` suites (so `bastion test` files may sit beside the rules). Files merge: agents, users and rules
-from all of them, `defaults` and `audit` from exactly one, network allowances from all. The loader collects
-every error before giving up, so one `bastion check` run shows them all.
+from all of them, `defaults`, `audit`, `approvals` and `normalize` from exactly one, network allowances from
+all. The loader collects every error before giving up, so one `bastion check` run shows them all.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from bastion.policy.engine import (
     UnlessBlock,
     UserSpec,
 )
+from bastion.policy.facts import NormalizeSettings
 from bastion.policy.matchers import (
     CompileError,
     HostMatcher,
@@ -91,6 +92,17 @@ def policy_files(paths: typing.Sequence[str | Path]) -> tuple[list[Path], list[P
     return files, issues
 
 
+def name_problem(kind: str, name: str) -> str | None:
+    """Why `name` cannot be an agent or user name, or None. One rule for the rules files and `bastion token`:
+    a name the policy refuses must never get a token line, and a ':' could never authenticate (it separates
+    the name from the token in proxy credentials)."""
+    if NAME.fullmatch(name):  # not match(): its `$` would let a trailing newline through
+        return None
+    why = ": ':' separates the name from the token in proxy credentials" if ":" in name else ""
+    return (f"bad {kind} name {name!r}{why}; a name is 1-128 letters, digits and _ . @ -, starting with a letter "
+            "or digit")
+
+
 @dataclass
 class _Source:
     file: str
@@ -101,11 +113,31 @@ class _Source:
         return PolicyIssue(self.file, self.doc.line_of(path), message)
 
 
+class _Revision:
+    """The policy revision: what the rules say, however the paths to them were spelled.
+
+    `--rules rules.yaml`, `--rules ./rules.yaml` and `--rules /srv/rules.yaml` are one policy and get one
+    revision, so sidecars, audit records and approvals started from different directories agree. Each file
+    counts with its own name (never its directory) and content, in load order: two files swapping contents
+    change the revision, because what `explain`, the audit and every error message point at
+    (`file:line`) changed. Lengths go before each part, so no choice of names and contents can collide."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256(b"bastion-policy-revision-2\0")
+
+    def add(self, file: Path, raw: bytes) -> None:
+        name = file.name.encode("utf-8", "surrogateescape")
+        self._digest.update(f"{len(name)}:{len(raw)}:".encode() + name + raw)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 def load_policy(paths: typing.Sequence[str | Path]) -> Policy:
     """Load, validate and compile. Raises PolicyLoadError listing every problem."""
     files, issues = policy_files(paths)
     sources: list[_Source] = []
-    digest = hashlib.sha256()
+    digest = _Revision()
     for f in files:
         name = str(f)
         try:
@@ -114,7 +146,7 @@ def load_policy(paths: typing.Sequence[str | Path]) -> Policy:
         except (OSError, UnicodeDecodeError) as e:
             issues.append(PolicyIssue(name, None, f"cannot read: {e}"))
             continue
-        digest.update(name.encode() + b"\0" + raw + b"\0")
+        digest.add(f, raw)
         src = _parse_file(name, text, issues)
         if src is not None:
             sources.append(src)
@@ -221,6 +253,7 @@ def _compile(
     approval_blocks = [s for s in sources if s.model.approvals is not None]
     for extra in approval_blocks[1:]:
         issues.append(extra.at(("approvals",), f"`approvals` is already set in {approval_blocks[0].file}"))
+    normalize = _normalize_settings(sources, issues)
     defaults = defaults_at[0].model.defaults
     assert defaults is not None
 
@@ -239,14 +272,14 @@ def _compile(
     for src in sources:
         for name, u in src.model.users.items():
             path = ("users", name)
-            if not NAME.match(name):
-                issues.append(src.at(path, f"bad user name {name!r}: letters, digits and _ . @ -"))
+            if problem := name_problem("user", name):
+                issues.append(src.at(path, problem))
             elif first_time("user", name, src, path):
                 users[name] = UserSpec(name, frozenset(u.roles), u.token_sha256)
         for name, a in src.model.agents.items():
             path = ("agents", name)
-            if not NAME.match(name):
-                issues.append(src.at(path, f"bad agent name {name!r}: letters, digits and _ . @ -"))
+            if problem := name_problem("agent", name):
+                issues.append(src.at(path, problem))
             elif first_time("agent", name, src, path):
                 agents[name] = AgentSpec(name, frozenset(a.roles), a.token_sha256, a.status,
                                          a.mode or defaults.mode, a.owner, a.description)
@@ -263,7 +296,7 @@ def _compile(
             path: tuple[str | int, ...] = ("rules", i)
             if not first_time("rule id", rm.id, src, (*path, "id")):
                 continue
-            compiled = _compile_rule(rm, src, path, agents, agent_roles, users, user_roles)
+            compiled = _compile_rule(rm, src, path, agents, agent_roles, users, user_roles, normalize.path_case)
             if isinstance(compiled, CompiledRule):
                 rules.append(compiled)
             else:
@@ -311,7 +344,29 @@ def _compile(
         return None
     return Policy(default_effect=defaults.effect, default_mode=defaults.mode, agents=agents, users=users,
                   rules=rules, network_allow_private=tuple(networks), audit=audit, revision=revision,
-                  sources=files, approvals=approvals)
+                  sources=files, approvals=approvals, normalize=normalize)
+
+
+def _normalize_settings(sources: list[_Source], issues: list[PolicyIssue]) -> NormalizeSettings:
+    """The one `normalize:` section (a second one is an error: it governs every rule of every file)."""
+    blocks = [s for s in sources if s.model.normalize is not None]
+    for extra in blocks[1:]:
+        issues.append(extra.at(("normalize",), f"`normalize` is already set in {blocks[0].file}:"
+                                               f"{blocks[0].doc.line_of(('normalize',))}"))
+    if not blocks:
+        return NormalizeSettings()
+    nm = blocks[0].model.normalize
+    assert nm is not None
+    return NormalizeSettings(path_case=nm.path_case, escaped_slashes=nm.escaped_slashes, allow=frozenset(nm.allow))
+
+
+def _path_folds(path_case: str, effect: str, exception: bool) -> bool:
+    """Whether a rule's path patterns compare case-insensitively. `cautious` errs towards refusing both ways:
+    a deny or hold rule's `match` folds (it catches /ADMIN on an upstream that folds case) and its `unless`
+    does not; an allow rule's `match` does not fold (/PUBLIC may be another resource) and its `unless` does."""
+    if path_case == "cautious":
+        return (effect != "allow") != exception
+    return path_case == "insensitive"
 
 
 def _compile_rule(
@@ -322,9 +377,11 @@ def _compile_rule(
     agent_roles: set[str],
     users: dict[str, UserSpec],
     user_roles: set[str],
+    path_case: str = "cautious",
 ) -> CompiledRule | list[CompileError]:
     """One rule, compiled; or every problem found in it (so one `bastion check` run shows them all)."""
     problems: list[CompileError] = []
+    fold_captures = path_case == "insensitive"
 
     def attempt(fn: Any, *args: Any) -> Any:
         try:
@@ -357,14 +414,15 @@ def _compile_rule(
     matchers: list[Matcher] = []
     captures: frozenset[str] | None = None
     if rm.match is not None:
-        compiled = attempt(_compile_match, rm.match, ("match",))
+        compiled = attempt(_compile_match, rm.match, ("match",), _path_folds(path_case, rm.effect, False),
+                           fold_captures)
         if compiled is not None:
             matchers, hosts, methods, ports, captures = compiled
     unless: list[UnlessBlock] = []
     blocks = rm.unless if isinstance(rm.unless, list) else [rm.unless] if rm.unless is not None else []
     for k, block in enumerate(blocks):
         sub = ("unless", k) if isinstance(rm.unless, list) else ("unless",)
-        compiled = attempt(_compile_match, block, sub)
+        compiled = attempt(_compile_match, block, sub, _path_folds(path_case, rm.effect, True), fold_captures)
         if compiled is not None and not compiled[0]:
             problems.append(CompileError("an empty `unless` block would exempt every request", sub))
         elif compiled is not None:
@@ -414,7 +472,7 @@ def _as_list(v: Any) -> list[Any]:
 
 
 def _compile_match(
-    m: MatchModel, base: tuple[str | int, ...]
+    m: MatchModel, base: tuple[str | int, ...], fold: bool = False, fold_captures: bool = False
 ) -> tuple[list[Matcher], tuple[Any, ...], frozenset[str] | None, frozenset[int] | None, frozenset[str] | None]:
     """One `match:` (or `unless:`) block -> matchers sorted cheapest first, plus index keys."""
 
@@ -448,9 +506,9 @@ def _compile_match(
         ports = frozenset(each("port", m.port, _port))
         matchers.append(build_set_matcher("port", ports))
     if m.path is not None:
-        patterns = tuple(each("path", m.path, compile_path))
+        patterns = tuple(each("path", m.path, lambda text: compile_path(text, fold)))
         captures = frozenset.intersection(*(p.captures for p in patterns))
-        matchers.append(PathMatcher(patterns))
+        matchers.append(PathMatcher(patterns, fold, fold_captures))
     for kind, spec in (("query", m.query), ("headers", m.headers), ("json", m.json_)):
         if spec is None:
             continue

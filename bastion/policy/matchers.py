@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.policy.facts import MISSING, EvalError, FactsError, RequestFacts, canonical_host
+from bastion.policy.facts import MISSING, EvalError, FactsError, RequestFacts, canonical_host, fold_case
 
 Captures = dict[str, str]
 SubPath = tuple[str | int, ...]
@@ -89,34 +89,38 @@ class PathPattern:
     """Literal segments, `{name}` (one segment, captured), `*` (one segment), `**` (the rest, zero or more).
 
     Matched against the request's decoded segments, so `%2F` inside a segment stays inside it, and a trailing
-    slash is not significant.
+    slash is not significant. A folded pattern (`fold`) holds its literals in caseless form (`fold_case`) and
+    is matched against the request's folded segments.
     """
 
     text: str
     parts: tuple[object, ...]  # str literal | ("cap", name) | _STAR | _GLOBSTAR
     captures: frozenset[str]
     fixed_len: int | None  # number of segments when there is no `**`
+    fold: bool = False
 
-    def match(self, segments: Sequence[str]) -> Captures | None:
+    def match(self, segments: Sequence[str], spelled: Sequence[str] | None = None) -> Captures | None:
+        """Captures if `segments` match, else None. Captured values come from `spelled` when given: the same
+        segments as the request spelled them, while literals are compared against (folded) `segments`."""
         if self.fixed_len is not None and len(segments) != self.fixed_len:
             return None
+        values = segments if spelled is None else spelled
         caps: Captures = {}
         for i, part in enumerate(self.parts):
             if part is _GLOBSTAR:
                 return caps
             if i >= len(segments):
                 return None
-            seg = segments[i]
             if part is _STAR:
                 continue
             if isinstance(part, tuple):
-                caps[part[1]] = seg
-            elif part != seg:
+                caps[part[1]] = values[i]
+            elif part != segments[i]:
                 return None
         return caps if len(segments) == len(self.parts) else None
 
 
-def compile_path(text: Any) -> PathPattern:
+def compile_path(text: Any, fold: bool = False) -> PathPattern:
     if not isinstance(text, str) or not text.startswith("/"):
         raise CompileError(f"path {text!r} must be a string starting with '/'")
     raw = text.split("?", 1)[0]
@@ -143,9 +147,9 @@ def compile_path(text: Any) -> PathPattern:
         elif seg in (".", ".."):
             raise CompileError(f"path {text!r}: dot segments are not allowed in patterns")
         else:
-            parts.append(seg)
+            parts.append(fold_case(seg) if fold else seg)
     fixed = None if parts and parts[-1] is _GLOBSTAR else len(parts)
-    return PathPattern(text, tuple(parts), frozenset(names), fixed)
+    return PathPattern(text, tuple(parts), frozenset(names), fixed, fold)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -410,15 +414,28 @@ class SetMatcher(Matcher):
 
 
 class PathMatcher(Matcher):
+    """Any of the patterns. `fold`: compare case-insensitively (the patterns are compiled folded);
+    `fold_captures`: captured values are case-folded too, so that one resource spelled two ways takes one
+    lock when the upstream folds case (`path_case: insensitive`)."""
+
     kind = "path"
     cost = 1
 
-    def __init__(self, patterns: tuple[PathPattern, ...]) -> None:
+    def __init__(self, patterns: tuple[PathPattern, ...], fold: bool = False, fold_captures: bool = False) -> None:
+        if any(p.fold != fold for p in patterns):
+            raise ValueError("path patterns must be compiled with the matcher's `fold`")
         self.patterns = patterns
+        self.fold = fold
+        self.fold_captures = fold_captures
 
     def test(self, facts: RequestFacts, caps: Captures) -> bool:
+        if self.fold:
+            segments = facts.folded_segments()
+            spelled = segments if self.fold_captures else facts.segments
+        else:
+            segments = spelled = facts.segments
         for p in self.patterns:
-            got = p.match(facts.segments)
+            got = p.match(segments, spelled)
             if got is not None:
                 caps.update(got)
                 return True
@@ -428,7 +445,8 @@ class PathMatcher(Matcher):
         return facts.path
 
     def describe_pattern(self) -> str:
-        return " | ".join(p.text for p in self.patterns)
+        shown = " | ".join(p.text for p in self.patterns)
+        return f"{shown} (any case)" if self.fold else shown
 
 
 class FieldsMatcher(Matcher):

@@ -7,10 +7,13 @@ compiler (`engine.py`), which reports them with the same `FILE:LINE` precision.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from bastion.policy.facts import ALLOWABLE_FORMS
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -187,6 +190,29 @@ class AuditModel(Strict):
     retention: RetentionModel | None = None
 
 
+_NEVER_ALLOWED = ("control", "controls", "control_characters", "nul", "null")
+
+
+def _allow_form(value: str) -> str:
+    """One `normalize.allow` entry: a known ambiguous form. Control characters are refused whatever the policy
+    says: no upstream gives them a meaning worth the risk, so there is no key for them."""
+    if value in ALLOWABLE_FORMS:
+        return value
+    if value.lower() in _NEVER_ALLOWED:
+        raise ValueError("control characters in a path are always refused and cannot be allowed")
+    close = difflib.get_close_matches(value, ALLOWABLE_FORMS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown form {value!r}{hint}; expected one of: {', '.join(ALLOWABLE_FORMS)}")
+
+
+class NormalizeModel(Strict):
+    """How ambiguous request paths are treated (README "How requests are normalized")."""
+
+    path_case: Literal["cautious", "sensitive", "insensitive"] = "cautious"
+    escaped_slashes: Literal["reject", "keep", "decode"] = "reject"
+    allow: list[Annotated[str, AfterValidator(_allow_form)]] = Field(default_factory=list)
+
+
 class PolicyFile(Strict):
     """One YAML file. Several files merge into one policy (see load.py)."""
 
@@ -198,3 +224,4 @@ class PolicyFile(Strict):
     network: NetworkModel | None = None
     audit: AuditModel | None = None
     approvals: ApprovalsModel | None = None
+    normalize: NormalizeModel | None = None

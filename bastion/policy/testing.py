@@ -9,7 +9,8 @@ A suite is a YAML list of cases:
       body: {model: gpt-4.1}          # a mapping (sent as JSON) or a string
       headers: {X-Trace: "1"}
       expect:
-        decision: allow               # allow | deny | hold: what Bastion enforces
+        decision: allow               # allow | deny | hold: what Bastion enforces; bad_request: the proxy
+                                      # refuses the request (400) before any rule runs (an ambiguous path)
         rules: [llm-chat]             # ids that must be among the determining rules
         # optional: would_decision, locks: [keys], releases: [keys], errors: N, reason: default|rule|...
 
@@ -27,13 +28,13 @@ from typing import Any, Literal
 import pydantic
 
 from bastion.policy.engine import Policy
-from bastion.policy.facts import FactsError, RequestFacts
+from bastion.policy.facts import DEFAULT_NORMALIZE, FactsError, NormalizeSettings, RequestFacts
 from bastion.policy.schema import Strict
 from bastion.policy.yamlsource import parse_yaml
 
 
 class Expect(Strict):
-    decision: Literal["allow", "deny", "hold"]
+    decision: Literal["allow", "deny", "hold", "bad_request"]
     would_decision: Literal["allow", "deny", "hold"] | None = None
     rules: list[str] | None = None
     reason: str | None = None
@@ -93,8 +94,10 @@ def load_cases(path: Path) -> tuple[list[tuple[int | None, Case]], list[str]]:
     return cases, errors
 
 
-def request_facts(method: str, url: str, body: Any, headers: dict[str, str]) -> RequestFacts:
-    """Facts for a tool-made request: a mapping/list body is JSON, and gets a JSON content type."""
+def request_facts(method: str, url: str, body: Any, headers: dict[str, str],
+                  normalize: NormalizeSettings = DEFAULT_NORMALIZE) -> RequestFacts:
+    """Facts for a tool-made request: a mapping/list body is JSON, and gets a JSON content type. `normalize`
+    is the policy's section, so a case sees the same refusals as the proxy."""
     hdrs = {k.lower(): v for k, v in headers.items()}
     raw: bytes | None
     if body is None:
@@ -104,7 +107,7 @@ def request_facts(method: str, url: str, body: Any, headers: dict[str, str]) -> 
     else:
         raw = json.dumps(body).encode()
         hdrs.setdefault("content-type", "application/json")
-    return RequestFacts.from_url(method, url, headers=hdrs, body=raw)
+    return RequestFacts.from_url(method, url, headers=hdrs, body=raw, normalize=normalize)
 
 
 def run_suites(policy: Policy, files: list[Path]) -> SuiteReport:
@@ -116,9 +119,16 @@ def run_suites(policy: Policy, files: list[Path]) -> SuiteReport:
         for line, case in cases:
             result = CaseResult(str(path), line, case.name, True)
             try:
-                facts = request_facts(case.method, case.url, case.body, case.headers)
+                facts = request_facts(case.method, case.url, case.body, case.headers, policy.normalize)
             except FactsError as e:
-                result.passed, result.problems = False, [f"bad request: {e}"]
+                if case.expect.decision != "bad_request":
+                    result.passed, result.problems = False, [f"decision: expected {case.expect.decision}, got "
+                                                             f"bad_request ({e})"]
+                report.results.append(result)
+                continue
+            if case.expect.decision == "bad_request":
+                result.passed, result.problems = False, [
+                    f"decision: expected bad_request, but the request is well-formed (path {facts.path})"]
                 report.results.append(result)
                 continue
             if case.agent not in policy.agents:
