@@ -149,6 +149,7 @@ def test_unusable_stores_and_bad_flags_exit_2(tmp_path: Path) -> None:
 
 def test_an_empty_store(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/audit.db"
+    asyncio.run(fill(url, tmp_path / "spool", []))  # a sidecar created it and recorded nothing yet
     p = bastion("audit", "tail", "--audit", url, home=tmp_path)
     assert p.returncode == 0 and p.stdout == ""
     p = bastion("audit", "verify", "--audit", url, home=tmp_path)

@@ -115,9 +115,9 @@ def test_postgres_outage_mid_traffic(tmp_path: Path, test_certs: CertFiles, audi
 @pytest.mark.parametrize("sink", ["sqlite", "postgresql-cut"])
 def test_sigkill_loses_no_completed_call(tmp_path: Path, test_certs: CertFiles, audit_upstream: AuditUpstream,
                                          sink: str, request: pytest.FixtureRequest) -> None:
-    """SIGKILL in the middle of traffic, restart on the same home: every call that completed more than a second
-    before the kill has its record after the restart. With `postgresql-cut` the sink is away during the whole
-    first run, so those records exist only in the spool when the process dies."""
+    """SIGKILL in the middle of traffic, restart on the same home: every call whose answer reached the agent
+    has its record after the restart, up to the last one before the kill. With `postgresql-cut` the sink is
+    away during the whole first run, so those records exist only in the spool when the process dies."""
     home = tmp_path / "home"
     rules = write_policy(tmp_path / "rules.yaml")
     forwarder: Forwarder | None = None
@@ -135,12 +135,11 @@ def test_sigkill_loses_no_completed_call(tmp_path: Path, test_certs: CertFiles, 
         traffic = Traffic(server, audit_upstream)
         traffic.start()
         traffic.wait_for(30, first_done_before=1.5)
-        killed_at = time.monotonic()
         server.proc.kill()
         server.proc.wait(10)
         traffic.join(15)
-    owed = [rid for done, rid in traffic.completed if done < killed_at - 1.0]
-    assert owed
+    owed = [rid for _, rid in traffic.completed]  # every answer the agent got before the kill
+    assert len(owed) >= 30
 
     if forwarder is not None:
         forwarder.restore()

@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import gzip
+import hashlib
+import html
 import io
 import json
+import re
 import secrets
 from contextlib import redirect_stdout
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bastion.audit.bodies import capture_bytes
 from bastion.audit.finalize import finalize
 from bastion.audit.record import AuditRecord, ErrorFacts, Identity, Request, Response, Timings
-from bastion.audit.redact import MASK, Redactor, is_secret_name
+from bastion.audit.redact import ECHO_MAX_FORMS, ECHO_PARTIAL_MIN, MASK, Redactor, echo_forms, is_secret_name
 from bastion.audit.settings import AuditConfig
 from bastion.audit.sinks import open_store
 from bastion.audit.writer import AuditWriter
@@ -230,3 +238,187 @@ def test_secrets_never_reach_the_sqlite_file_the_spool_or_any_export(tmp_path: P
     for blob in outputs:
         for s in (header_secret, json_secret, query_secret):
             assert s.encode() not in blob
+
+
+# --- echoes: a masked value is masked wherever else the exchange shows it ----------------------------------------
+
+def _exchange(request_headers: list[tuple[str, str]], request_body: bytes, response_headers: list[tuple[str, str]],
+              response_body: bytes, *, mime: str = "application/json", encoding: str = "", max_body: int = 1 << 20,
+              url: str = "https://api.example.test/v1/items", error: str | None = None,
+              ) -> tuple[AuditRecord, bytes, bytes]:
+    """Finalize one exchange; returns the record and the stored (unpacked) request and response bodies."""
+    from bastion.audit.bodies import unpack
+
+    rec = AuditRecord(id=new_request_id(), started_us=1, ended_us=2, identity=Identity("a", "basic", "c"),
+                      request=Request("POST", url, "HTTP/1.1", request_headers), outcome="forwarded",
+                      timings=Timings(total_us=1), response=Response(400, "Bad Request", "HTTP/1.1", response_headers),
+                      error=ErrorFacts("upstream_error", error) if error else None)
+    req_cap = capture_bytes(request_body, max_body, content_type="application/json")
+    resp_cap = capture_bytes(response_body, max_body, content_type=mime, content_encoding=encoding)
+    req_blob, resp_blob = finalize(rec, req_cap, resp_cap, redactor=r(), max_body_bytes=max_body)
+    assert rec.response is not None and rec.response.body is not None
+    req = unpack(req_blob, rec.request.body.stored) if req_blob and rec.request.body else b""
+    resp = unpack(resp_blob, rec.response.body.stored) if resp_blob else b""
+    return rec, req, resp
+
+
+def _everything(rec: AuditRecord, *bodies: bytes) -> str:
+    return json.dumps(rec.to_json()) + "".join(b.decode("latin-1") for b in bodies)
+
+
+def test_values_masked_in_the_request_are_masked_where_the_upstream_echoes_them() -> None:
+    api_key = "k-" + secrets.token_hex(16)  # no credential format: only the header's name gives it away
+    bearer = secrets.token_urlsafe(32)
+    field = "pw-" + secrets.token_hex(10)
+    request = json.dumps({"api_key": field, "prompt": "hello"}).encode()
+    response = json.dumps({"error": {"message": f"key {api_key} rejected", "echo": {"api_key_seen": field,
+                                                                                     bearer: "as a key"}},
+                           "kept": "the rest is intact"}).encode()
+    rec, req, resp = _exchange([("x-api-key", api_key), ("Authorization", f"Bearer {bearer}")], request,
+                               [("X-Echo-Key", api_key), ("X-Echo-Auth", f"Bearer {bearer}"),
+                                ("X-Request-Id", "abc")], response,
+                               url=f"https://api.example.test/v1/keys/{api_key}?q=1", error=f"upstream said {field}")
+    everything = _everything(rec, req, resp)
+    for secret in (api_key, bearer, field):
+        assert secret not in everything
+    doc = json.loads(resp)  # still JSON, the rest untouched
+    assert doc["kept"] == "the rest is intact" and doc["error"]["message"].startswith("key [REDACTED:")
+    header_mask = dict(rec.request.headers)["x-api-key"]
+    assert doc["error"]["message"] == f"key {header_mask} rejected"  # the echo carries the original's tag
+    assert doc["error"]["echo"]["api_key_seen"] == json.loads(req)["api_key"]
+    assert dict(rec.response.headers)["X-Echo-Key"] == header_mask  # type: ignore[union-attr]
+    assert dict(rec.response.headers)["X-Request-Id"] == "abc"  # type: ignore[union-attr]
+    assert rec.request.url == f"https://api.example.test/v1/keys/{header_mask}?q=1"
+    assert {"/response/headers/x-echo-key", "/response/headers/x-echo-auth", "/response/body/error/message",
+            "/response/body/error/echo/api_key_seen", "/request/url", "/error/message"} <= set(rec.redactions)
+    assert not any(bearer in p for p in rec.redactions)  # the key that held the token is masked in its path too
+    assert rec.response.body is not None and rec.response.body.sha256 is None  # type: ignore[union-attr]
+    assert rec.response.body.stored_sha256 == hashlib.sha256(resp).hexdigest()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("style", ["raw", "json", "json-ascii", "json-slash", "url", "url-lower", "url-plus",
+                                   "html"])
+def test_encoded_echoes_are_masked(style: str) -> None:
+    secret = 'Sé/"cr+t &<x> ' + secrets.token_hex(8)
+    escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
+    shown = {
+        "raw": secret, "json": escaped, "json-ascii": json.dumps(secret)[1:-1],
+        "json-slash": escaped.replace("/", "\\/"), "url": quote(secret, safe=""),
+        "url-lower": re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(secret, safe="")),
+        "url-plus": quote_plus(secret, safe=""), "html": html.escape(secret),
+    }[style]
+    body = f"error: the value <<{shown}>> is not valid".encode()  # UTF-8, searched as Latin-1 text
+    _, _, resp = _exchange([("x-api-key", secret)], b"", [], body, mime="text/plain")
+    assert resp.startswith(b"error: the value <<[REDACTED:") and resp.endswith(b"]>> is not valid")
+    assert secret.encode() not in resp and shown.encode() not in resp
+
+
+def test_basic_credentials_and_cookie_values_are_searched_for_decoded() -> None:
+    password = "pa55-" + secrets.token_hex(6)
+    session = secrets.token_hex(12)
+    basic = base64.b64encode(f"bob:{password}".encode()).decode()
+    body = json.dumps({"debug": f"user bob, password {password}, session {session}, user again: bob"}).encode()
+    rec, _, resp = _exchange([("Authorization", f"Basic {basic}"), ("Cookie", f"theme=dark; sid={session}")], b"",
+                             [], body)
+    text = json.loads(resp)["debug"]
+    assert password not in text and session not in text and basic not in _everything(rec)
+    assert text.startswith("user bob, password [REDACTED:") and text.endswith("user again: bob")
+
+
+def test_short_values_are_not_searched_for() -> None:
+    """Below ECHO_MIN characters a masked value is too likely to be ordinary text ("true", a small number)."""
+    body = json.dumps({"status": "hunter2 true 12345678", "n": 1234567}).encode()
+    request = json.dumps({"password": "hunter2", "token": "true", "pin_password": 12345678, "secret": 1234567}).encode()
+    rec, req, resp = _exchange([], request, [], body)
+    assert json.loads(resp)["status"].startswith("hunter2 true [REDACTED:")  # 8 characters: masked
+    assert json.loads(resp)["n"] == 1234567 and rec.response.body.sha256 is None  # type: ignore[union-attr]
+    assert b"hunter2" not in req
+
+
+def test_a_number_equal_to_a_secret_is_masked_and_the_json_stays_valid() -> None:
+    request = json.dumps({"api_key": 987654321}).encode()
+    _, _, resp = _exchange([], request, [], json.dumps({"your_pin": 987654321, "ok": False}).encode())
+    doc = json.loads(resp)
+    assert doc["your_pin"].startswith("[REDACTED:") and doc["ok"] is False
+
+
+@pytest.mark.parametrize("into", [ECHO_PARTIAL_MIN, ECHO_PARTIAL_MIN + 1, 20])
+def test_an_echo_cut_by_max_body_bytes_is_masked_up_to_the_cut(into: int) -> None:
+    secret = "tok-" + secrets.token_hex(20)
+    filler = b"x" * 1000
+    body = filler + b" key=" + secret.encode() + b" tail"
+    limit = len(filler) + 5 + into  # the cut falls `into` characters into the echo
+    rec, _, resp = _exchange([("x-api-key", secret)], b"", [], body, mime="text/plain", max_body=limit)
+    assert rec.response.body is not None and rec.response.body.truncated  # type: ignore[union-attr]
+    assert resp.startswith(filler + b" key=[REDACTED:") and resp.endswith(b"]")
+    assert secret[:ECHO_PARTIAL_MIN].encode() not in resp
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text("ab/%\"é+ ", min_size=8, max_size=14), min_size=1, max_size=4), st.data())
+def test_no_form_of_a_masked_value_survives_echo_masking(values: list[str], data: st.DataObject) -> None:
+    """Echoes of several values, in any encoding, overlapping or cut anywhere: none is left, nor (when cut)
+    a start of one of ECHO_PARTIAL_MIN characters or more at the very end."""
+    echoes = r().exchange()
+    for v in values:
+        echoes.mask(v)
+    masker = echoes.echoes()
+    assert masker is not None
+    pieces = [data.draw(st.text("ab/%\"xyz", max_size=4)) + data.draw(st.sampled_from(echo_forms(v)))
+              for v in data.draw(st.lists(st.sampled_from(values), min_size=1, max_size=5))]
+    text = "".join(pieces).encode()
+    cut = text[: data.draw(st.integers(1, len(text)))]
+    out = masker.body(cut, "text/plain", "/response/body", [], cut=True).decode("latin-1")
+    for form in masker.forms:
+        assert form not in out
+        assert not any(out.endswith(form[:k]) for k in range(ECHO_PARTIAL_MIN, len(form)))
+
+
+def test_a_secret_pair_a_cut_body_ends_inside_is_masked() -> None:
+    value = "s3cret-" + secrets.token_hex(10)
+    found: list[str] = []
+    out = r().body(b'{"messages": [], "password": "' + value.encode(), "application/json", "/request/body", found)
+    assert value.encode() not in out and out.startswith(b'{"messages": [], "password": "[REDACTED:')
+    assert found == ["/request/body"]
+    sse = b'data: {"x": 1}\n\ndata: {"note": "' + value.encode()  # not a secret name: kept
+    assert r().body(sse, "text/event-stream", "/response/body", []) is sse
+
+
+def test_echoes_in_compressed_bodies_and_the_digests() -> None:
+    secret = secrets.token_urlsafe(24)
+    plain = json.dumps({"echo": secret, "other": "intact"}).encode()
+    rec, _, resp = _exchange([("x-api-key", secret)], b"", [], gzip.compress(plain), encoding="gzip")
+    assert secret.encode() not in resp and json.loads(resp)["other"] == "intact"
+    body = rec.response.body  # type: ignore[union-attr]
+    assert body is not None and body.sha256 is None and body.stored_sha256 == hashlib.sha256(resp).hexdigest()
+    clean = json.dumps({"other": "intact"}).encode()  # nothing echoed: bytes and digest as they were
+    rec, _, resp = _exchange([("x-api-key", secret)], b"", [], clean)
+    assert resp == clean and rec.response.body.sha256 == hashlib.sha256(clean).hexdigest()  # type: ignore[union-attr]
+
+
+def test_an_echo_hidden_by_unicode_escapes_in_json_is_found() -> None:
+    secret = "key-" + secrets.token_hex(12)
+    escaped = "".join(f"\\u{ord(c):04x}" for c in secret)
+    body = ('{"detail": "bad key ' + escaped + '", "n": 1}').encode()
+    _, _, resp = _exchange([("x-api-key", secret)], b"", [], body)
+    doc = json.loads(resp)
+    assert secret not in doc["detail"] and doc["detail"].startswith("bad key [REDACTED:") and doc["n"] == 1
+
+
+def test_echo_search_is_bounded_for_thousands_of_secrets() -> None:
+    header = "hdr-" + secrets.token_hex(16)
+    fields = {f"password{i}": f"value-{i:06d}-{secrets.token_hex(4)}" for i in range(5000)}
+    red = r().exchange()
+    red.headers([("x-api-key", header)], "/request/headers", [])
+    red.body(json.dumps(fields).encode(), "application/json", "/request/body", [])
+    echoes = red.echoes()
+    assert echoes is not None and len(echoes.forms) <= ECHO_MAX_FORMS
+    assert header in echoes.forms  # the header, found first, is kept
+    big = (b"lorem ipsum " * 90_000) + header.encode()
+    assert header.encode() not in echoes.body(big, "text/plain", "/response/body", [], cut=False)
+
+
+def test_a_shared_redactor_remembers_nothing() -> None:
+    red = r()
+    red.headers([("x-api-key", "k" * 20)], "/request/headers", [])
+    assert red.echoes() is None  # only an exchange() copy collects values

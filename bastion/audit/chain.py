@@ -7,8 +7,9 @@ inserting or reordering any record breaks the chain at that point, and `bastion 
 
 Retention deletes only whole prefixes of a chain and leaves a prune marker (writer, last pruned seq, that
 record's hash) in the same transaction, so a verifier starts from the marker: an old prefix may be gone, a
-hole in the middle is still a hole. What a chain alone cannot show is a cut-off *tail*; `verify` compares the
-store with the local spool's drain cursor when it can, and prints each chain's head so it can be kept apart.
+hole in the middle is still a hole. What a chain alone cannot show is a cut-off or rewritten *tail*: for that
+each writer signs checkpoints of its chain and keeps them outside the audit database (`bastion.audit.checkpoint`),
+and `verify` also compares the store with the local spool's drain cursor when it can.
 """
 
 from __future__ import annotations

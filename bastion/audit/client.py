@@ -17,11 +17,13 @@ What the proxy asks synchronously is answered from the worker's last STATUS (sen
 - the worker's counters (`bastion_audit_records_total`, `..._write_errors_total`, `..._dropped_total`) are
   added to this process's metrics as they grow.
 
-Durability is the worker's (see `AuditWriter`): an exchange is in the worker within `SEND_EVERY` and in its
-spool milliseconds later; if the proxy is killed, the worker still spools everything it received (a kill
-loses at most the last `SEND_EVERY` of exchanges, well inside the one-second promise). If the
-worker dies, what it had not yet taken is counted as dropped (`writer_down`), and a new worker is started with
-a growing delay; it recovers the spool.
+Durability: a call's answer is not released to the agent before its record is *handed over*, i.e. in the
+pipe to the worker (`handed_over()`, which the capture stage awaits): once there, it lives in the kernel, and a
+proxy killed with SIGKILL cannot take it along; the worker, which outlives its proxy, spools everything it
+received before it exits (see `bastion.audit.worker`). Exchanges submitted in the same turn of the event loop
+share one write, so this costs one pipe write per loop turn, not one per call. If the worker dies, what it
+had not yet taken is counted as dropped (`writer_down`), and a new worker is started with a growing delay;
+it recovers the spool.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ SEND_NOW_BYTES = 256 << 10
 """Queued bytes that are written at once."""
 PIPE_BYTES = 1 << 20
 """Size asked for the pipe to the worker (Linux's default limit for unprivileged processes)."""
+HANDOVER_TIMEOUT = 10.0
+"""Seconds an answer waits for its record to fit into a full pipe (a stalled worker) before it is released
+anyway: the record stays queued, and the `overloaded` limit refuses new calls long before memory runs out."""
 MAX_PENDING_BYTES = 256 << 20
 """Bytes of frames the worker has not read (beyond the pipe) at which the client stops taking exchanges
 (`overloaded`): with `audit.on_failure: deny` the proxy then refuses calls until the worker catches up."""
@@ -95,8 +100,9 @@ class AuditClient:
     """Create with `AuditClient.spawn(...)` (starts the process), then `await start(config)`."""
 
     def __init__(self, audit_url: str, home: Path, display_url: str, *,
-                 max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
+                 max_pending_bytes: int = MAX_PENDING_BYTES, store_url: str | None = None) -> None:
         self._url = audit_url
+        self._store_url = store_url
         self._home = home
         self.display_url = display_url
         self._max_pending = max_pending_bytes
@@ -110,6 +116,8 @@ class AuditClient:
         self._closing = False
         self._closed: asyncio.Future[bool] | None = None
         self._flushes: dict[int, asyncio.Future[bool]] = {}
+        self._handover: asyncio.Future[None] | None = None  # done when what is queued now is in the pipe
+        self._draining: set[asyncio.Task[None]] = set()
         self._flush_ids = itertools.count(1)
         self._ready: asyncio.Future[Ready] | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -119,9 +127,9 @@ class AuditClient:
 
     @classmethod
     async def spawn(cls, audit_url: str, home: Path, display_url: str, *,
-                    max_pending_bytes: int = MAX_PENDING_BYTES) -> AuditClient:
+                    max_pending_bytes: int = MAX_PENDING_BYTES, store_url: str | None = None) -> AuditClient:
         """Start the worker process (it imports while the proxy prepares the rest); `start` completes it."""
-        client = cls(audit_url, home, display_url, max_pending_bytes=max_pending_bytes)
+        client = cls(audit_url, home, display_url, max_pending_bytes=max_pending_bytes, store_url=store_url)
         client._worker = await client._launch()
         return client
 
@@ -160,12 +168,15 @@ class AuditClient:
             with contextlib.suppress(OSError, AttributeError):
                 fd = proc.stdin.transport.get_extra_info("pipe").fileno()
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            # `drain()` then returns only once the transport holds nothing: every byte is in the pipe.
+            proc.stdin.transport.set_write_buffer_limits(high=0, low=0)
         return _Incarnation(proc, ipc.PolledPipe(read_fd))
 
     async def _handshake(self, worker: _Incarnation) -> None:
         ready = self._ready = self._loop.create_future()
         worker.reader = asyncio.create_task(self._read(worker), name="audit-worker-reader")
-        self._write_now(worker, ipc.frame(ipc.HELLO, Hello(self._url, str(self._home), self._config)))
+        self._write_now(worker, ipc.frame(ipc.HELLO, Hello(self._url, str(self._home), self._config,
+                                                             store_url=self._store_url)))
         # The reader ends when the worker closes its output: it exited, after a FAILED frame or without one.
         await asyncio.wait({ready, worker.reader}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
@@ -234,6 +245,24 @@ class AuditClient:
         worker.sent += 1
         metrics.AUDIT_BACKLOG.inc()
         return True
+
+    def handed_over(self) -> asyncio.Future[None] | None:
+        """A future done once every exchange submitted so far is in the pipe to the worker (or could not be
+        written because the worker is gone); None when there is nothing to wait for. Awaited before an answer
+        is released, so a call the agent saw answered is on record even if this process is killed next."""
+        worker = self._running()
+        if worker is None or (not self._frames and not self._draining):
+            return None
+        fut = self._handover
+        if fut is None:
+            fut = self._handover = self._loop.create_future()
+        if not self._send_soon:  # this turn's exchanges go out together, at its end
+            if self._send_at is not None:
+                self._send_at.cancel()
+                self._send_at = None
+            self._send_soon = True
+            self._loop.call_soon(self._send)
+        return fut
 
     async def flush(self) -> bool:
         """Wait until every exchange submitted before this call is in the sink; False when the worker cannot
@@ -315,10 +344,38 @@ class AuditClient:
             self._send_at.cancel()
         self._send_at, self._send_soon = None, False
         frames, self._frames, self._queued = self._frames, [], 0
+        handover, self._handover = self._handover, None
         worker = self._worker
-        if not frames or worker is None or worker.proc.stdin is None or worker.proc.returncode is not None:
+        if worker is None or worker.proc.stdin is None or worker.proc.returncode is not None:
+            _resolve(handover)
             return
-        self._write_now(worker, b"".join(frames))
+        if frames:
+            self._write_now(worker, b"".join(frames))
+        stdin = worker.proc.stdin
+        if handover is None:
+            return
+        if self._draining or stdin.transport.get_write_buffer_size():  # the pipe is full: wait for room
+            task = self._loop.create_task(self._drained(stdin, handover, list(self._draining)))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+        else:
+            _resolve(handover)
+
+    async def _drained(self, stdin: asyncio.StreamWriter, handover: asyncio.Future[None] | None,
+                       earlier: list[asyncio.Task[None]]) -> None:
+        """Resolve `handover` once the transport's buffer is in the pipe (or `HANDOVER_TIMEOUT` passed)."""
+        try:
+            async with asyncio.timeout(HANDOVER_TIMEOUT):
+                for task in earlier:
+                    await asyncio.shield(task)
+                await stdin.drain()
+        except TimeoutError:
+            log.warning("audit: the worker has not read its input for %gs; releasing answers whose records "
+                        "are still queued", HANDOVER_TIMEOUT)
+        except (ConnectionError, RuntimeError):
+            pass  # the worker is gone: the supervisor counts what it never took
+        finally:
+            _resolve(handover)
 
     @staticmethod
     def _write_now(worker: _Incarnation, data: bytes) -> None:
@@ -420,6 +477,11 @@ class AuditClient:
             if not fut.done():
                 fut.set_result(False)
         self._flushes.clear()
+
+
+def _resolve(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
 
 
 def _grow(counter: Any, delta: float) -> None:

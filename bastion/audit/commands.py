@@ -14,14 +14,17 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from bastion.config import ConfigError, add_home_args, data_settings
+from bastion.outcomes import outcome_label
 
 if TYPE_CHECKING:
+    from bastion.audit.checkpoint import TrustedKey
     from bastion.audit.record import AuditRecord, Body
     from bastion.audit.sinks.base import AuditStore
-    from bastion.audit.verify import VerifyReport
+    from bastion.audit.verify import ChainReport, VerifyReport
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -84,20 +87,32 @@ def register(sub: Any) -> None:
     export.add_argument("-o", "--output", help="write to FILE instead of standard output")
     export.set_defaults(handler=lambda a: _run(a, _export))
 
-    verify = actions.add_parser("verify", help="check the hash chains end to end; exit 0 intact, 1 broken")
+    verify = actions.add_parser("verify", help="check the hash chains end to end; exit 0 intact, 1 broken",
+                                description="Check every writer's hash chain, and hold it against the writers' "
+                                "signed checkpoints (from --store and --home): a cut-off or rewritten tail fails.")
     add_home_args(verify)
     verify.add_argument("--format", choices=("text", "json"), default="text",
                         help="json: the full report, per chain")
+    verify.add_argument("--keys", metavar="FILE", type=Path,
+                        help="trust only these checkpoint signing keys (one 'ed25519 BASE64 [comment]' a line, as "
+                        "`bastion audit key` prints them); default: the key under --home and the keys registered "
+                        "in the store (trusted on first use)")
     verify.set_defaults(handler=lambda a: _run(a, _verify))
+
+    key = actions.add_parser("key", help="print this home's checkpoint signing key (public half, for --keys)")
+    add_home_args(key, store=False, audit=False)
+    key.set_defaults(handler=_key)
 
 
 def _run(args: argparse.Namespace, action: Callable[[argparse.Namespace, AuditStore], Awaitable[int]]) -> int:
     from bastion.audit.sinks import StoreError, open_store
+    from bastion.coord.commands import StoreMissing, require_existing_store
 
     try:
         url = data_settings(args).audit
+        require_existing_store(url, what="audit store", flag="--audit", variable="BASTION_AUDIT")
         store = open_store(url)
-    except (ConfigError, StoreError) as e:
+    except (ConfigError, StoreError, StoreMissing) as e:
         print(f"bastion audit: {e}", file=sys.stderr)
         return 2
 
@@ -126,7 +141,9 @@ def summary_line(r: AuditRecord) -> str:
     """One record on one line: time, id, agent, decision, request, status, duration, rules or error."""
     status = str(r.status) if r.status is not None else "-"
     tail = r.error.type if r.error is not None else ",".join(r.decision.rules) if r.decision else ""
-    return (f"{_stamp(r.started_us)}  {r.id}  {r.agent or r.identity.claimed or '-'}  {r.effect or '-'}  "
+    refusal = r.error.type if r.error is not None and r.outcome == "refused" else None
+    label = outcome_label(r.effect, refusal)  # a 423 lock conflict is not an `allow`, as in /metrics
+    return (f"{_stamp(r.started_us)}  {r.id}  {r.agent or r.identity.claimed or '-'}  {label or '-'}  "
             f"{r.request.method} {r.request.url}  {status}  {r.timings.total_us / 1000:.1f}ms  {tail}").rstrip()
 
 
@@ -282,29 +299,66 @@ async def _export(args: argparse.Namespace, store: AuditStore) -> int:
 # --- verify ----------------------------------------------------------------------------------------------------
 
 async def _verify(args: argparse.Namespace, store: AuditStore) -> int:
+    from bastion.audit.checkpoint import CheckpointError, gather_evidence
     from bastion.audit.spool import read_cursor_file
     from bastion.audit.verify import verify_store
+    from bastion.coord.store import StoreError as SharedStoreError
 
-    cursor = await asyncio.to_thread(read_cursor_file, data_settings(args).home.spool)
+    data = data_settings(args)
+    cursor = await asyncio.to_thread(read_cursor_file, data.home.spool)
     anchor = cursor if cursor is not None and cursor.sink == store.display_url else None
-    report = await verify_store(store, anchor=anchor)
+    try:
+        evidence = await gather_evidence(data.home.path, data.store, args.keys)
+    except CheckpointError as e:
+        print(f"bastion audit verify: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"bastion audit verify: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except SharedStoreError as e:
+        print(f"bastion audit verify: cannot read the signed checkpoints: {e}", file=sys.stderr)
+        return 2
+    report = await verify_store(store, anchor=anchor, witnessed=evidence.witnessed, trusted=evidence.trusted)
     if args.format == "json":
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps({**report.to_json(), "checkpoint_store": evidence.store}, indent=2))
     else:
-        sys.stdout.write(render_report(report, store.display_url))
+        sys.stdout.write(render_report(report, store.display_url, evidence.store))
     return 0 if report.intact else 1
 
 
-def render_report(report: VerifyReport, where: str) -> str:
-    lines = []
+def _key(args: argparse.Namespace) -> int:
+    from bastion.audit.checkpoint import KEY_FILE, CheckpointError, home_public_key, key_comment
+
+    home = data_settings(args).home.path
+    try:
+        public = home_public_key(home)
+    except (CheckpointError, OSError) as e:
+        print(f"bastion audit key: {e}", file=sys.stderr)
+        return 2
+    if public is None:
+        print(f"bastion audit key: no {home / KEY_FILE}: `bastion serve` creates it when it first writes audit "
+              "records", file=sys.stderr)
+        return 1
+    print(public.line(key_comment(home)))
+    return 0
+
+
+def render_report(report: VerifyReport, where: str, checkpoint_store: str | None = None) -> str:
+    lines = [_key_line(k) for k in report.keys]
     for c in report.chains:
         span = f"{_plural(c.records, 'record')} (#{c.first_seq}-#{c.last_seq})" if c.records else "no records"
         pruned = f", records up to #{c.pruned_through} removed by retention" if c.pruned_through else ""
         if c.problem is None:
-            lines.append(f"chain {c.writer}: intact, {span}{pruned}; head {c.head or '-'}")
+            lines.append(f"chain {c.writer}: intact, {span}{pruned}; head {c.head or '-'}; {_sealed(c)}")
         else:
             lines.append(f"chain {c.writer}: BROKEN ({c.problem.kind}) after {c.records} good records: "
                          f"{c.problem.message}")
+    lines += [f"writer {u.writer}: checkpoint #{u.seq} ({u.source}) not checked: it was made for {u.sink} and "
+              "this store holds no record of that writer" for u in report.unchecked]
+    lines += [f"checkpoint problem: {fault}" for fault in report.faults]
+    if report.chains and not report.checkpoints_found:
+        lines.append(f"no signed checkpoints in {checkpoint_store or 'the store'} or under --home: a cut-off or "
+                     "rewritten tail cannot be detected")
     if not report.chains:
         lines.append(f"{where}: no audit records")
     elif report.intact:
@@ -312,8 +366,22 @@ def render_report(report: VerifyReport, where: str) -> str:
                      f"{_plural(len(report.chains), 'chain')})")
     else:
         broken = sum(1 for c in report.chains if not c.intact)
-        lines.append(f"{where}: BROKEN ({broken} of {len(report.chains)} chains)")
+        faults = f", {_plural(len(report.faults), 'unreadable checkpoint')}" if report.faults else ""
+        lines.append(f"{where}: BROKEN ({broken} of {len(report.chains)} chains{faults})")
     return "\n".join(lines) + "\n"
+
+
+def _key_line(k: TrustedKey) -> str:
+    if k.pinned:
+        return f"trusted key {k.key.key_id}: {k.source}"
+    return (f"trusted key {k.key.key_id}: {k.source} (trusted on first use: whoever can write the store can add "
+            "keys; pin them with --keys)")
+
+
+def _sealed(c: ChainReport) -> str:
+    if c.checkpoint_seq is None:
+        return "no signed checkpoint"
+    return f"signed checkpoint #{c.checkpoint_seq} ({_stamp(c.checkpoint_time_us or 0)}, key {c.checkpoint_key}) holds"
 
 
 def _plural(n: int, word: str) -> str:

@@ -39,6 +39,7 @@ class Hello:
     home: str
     config: AuditConfig
     drain_timeout: float = 10.0
+    store_url: str | None = None  # the shared store, where the worker witnesses its signed checkpoints
 
 
 @dataclass(frozen=True, slots=True)

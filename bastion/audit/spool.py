@@ -36,6 +36,7 @@ from typing import BinaryIO, NamedTuple
 
 from bastion.audit.chain import ChainHead
 from bastion.audit.entry import FRAME_HEADER, Entry, FrameError, peek_head, split_frame_header
+from bastion.private_files import tighten
 
 log = logging.getLogger("bastion.audit")
 
@@ -90,6 +91,7 @@ class Spool:
 
     def open(self) -> SpoolState:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tighten(self.directory)  # every file in it is created 0600; a directory left wider is narrowed
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

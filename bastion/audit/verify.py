@@ -6,19 +6,29 @@ hash to its stored hash (else it was edited), parse, belong to this chain at the
 is a deletion, a step back a reordering), point at its predecessor's hash (else the predecessor was replaced),
 and have bodies matching their digests unless retention purged them.
 
-Then, if the local spool's drain cursor knows this store, the chain must reach the record the cursor says was
-drained, with the same hash: that catches a cut-off or rewritten tail, which a chain alone cannot show.
+A chain alone cannot show a cut-off tail, nor a tail replaced by records linked properly with recomputed
+hashes. Two outside witnesses can:
+
+- the local spool's drain cursor, when it drains into this store: the chain must reach the record the cursor
+  says was drained, with the same hash;
+- the writers' signed checkpoints (`bastion.audit.checkpoint`), from the shared store and the local spools:
+  each must be signed by a trusted key (else "forged"), the chain must hold at its seq the very record the
+  writer signed (else "rewritten"), and reach at least that seq (else "truncated"). A checkpoint at or before
+  the prune marker is satisfied by retention, if it matches the marker where they meet. A checkpoint of a
+  writer with no record here is checked only when it was made for this very store (by its display URL): a
+  shared store may hold other deployments' writers.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bastion.audit.bodies import DecodeError, unpack
 from bastion.audit.chain import GENESIS, record_hash
+from bastion.audit.checkpoint import Checkpoint, TrustedKey, Witnessed, judge, stamp
 from bastion.audit.record import AuditRecord, Body, RecordError
 from bastion.audit.sinks.base import AuditStore, ChainRow, PruneMarker, index_of
 from bastion.audit.spool import CursorInfo
@@ -26,7 +36,8 @@ from bastion.audit.spool import CursorInfo
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """`kind`: edited, moved, reordered, deleted, link, body, truncated."""
+    """`kind`: edited, moved, reordered, deleted, link, body, truncated, rewritten (differs from a signed
+    checkpoint), forged (a checkpoint without a valid signature of a trusted key)."""
 
     kind: str
     seq: int | None
@@ -44,6 +55,10 @@ class ChainReport:
     pruned_through: int | None = None
     bodies_checked: int = 0
     bodies_purged: int = 0
+    checkpoints: int = 0  # distinct valid signed checkpoints held against this chain
+    checkpoint_seq: int | None = None  # the newest of them
+    checkpoint_time_us: int | None = None
+    checkpoint_key: str | None = None
     problem: Problem | None = None
 
     @property
@@ -51,13 +66,27 @@ class ChainReport:
         return self.problem is None
 
 
+@dataclass(frozen=True, slots=True)
+class Unchecked:
+    """A valid checkpoint of a writer with no record in this store, made for another store: not held against it."""
+
+    writer: str
+    seq: int
+    sink: str
+    source: str
+
+
 @dataclass(slots=True)
 class VerifyReport:
     chains: list[ChainReport] = field(default_factory=list)
+    keys: list[TrustedKey] = field(default_factory=list)  # the keys checkpoint signatures were checked against
+    checkpoints_found: int = 0
+    unchecked: list[Unchecked] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)  # unreadable checkpoints, which name no writer
 
     @property
     def intact(self) -> bool:
-        return all(c.intact for c in self.chains)
+        return all(c.intact for c in self.chains) and not self.faults
 
     @property
     def records(self) -> int:
@@ -67,19 +96,53 @@ class VerifyReport:
         return {"intact": self.intact, "records": self.records, "chains": [
             {**{k: v for k, v in asdict(c).items() if k != "problem"},
              "intact": c.intact, "problem": None if c.problem is None else asdict(c.problem)}
-            for c in self.chains]}
+            for c in self.chains],
+            "keys": [{"key": k.key.key_id, "public_key": k.key.line(), "source": k.source, "pinned": k.pinned}
+                     for k in self.keys],
+            "checkpoints_found": self.checkpoints_found,
+            "unchecked_checkpoints": [asdict(u) for u in self.unchecked], "checkpoint_faults": self.faults}
 
 
-async def verify_store(store: AuditStore, *, anchor: CursorInfo | None = None) -> VerifyReport:
-    """Check every chain in `store`. `anchor` is the local spool's drain cursor, when it drains into `store`."""
+async def verify_store(store: AuditStore, *, anchor: CursorInfo | None = None, witnessed: Sequence[Witnessed] = (),
+                       trusted: Mapping[str, TrustedKey] | None = None) -> VerifyReport:
+    """Check every chain in `store`. `anchor` is the local spool's drain cursor, when it drains into `store`;
+    `witnessed` the signed checkpoints found, judged against the `trusted` keys (by key id)."""
     markers = await store.prune_markers()
     writers = await store.writers()
     if anchor and anchor.drained and anchor.drained.seq > 0 and anchor.drained.writer not in writers:
         writers.append(anchor.drained.writer)
-    report = VerifyReport()
+    report = VerifyReport(keys=list((trusted or {}).values()), checkpoints_found=len(witnessed))
+    valid, forged = _sort_checkpoints(witnessed, trusted or {}, set(writers) | set(markers), store.display_url,
+                                      report)
+    writers += [w for w in dict.fromkeys([*valid, *forged]) if w not in writers]
     for writer in writers:
-        report.chains.append(await _verify_chain(store, writer, markers.get(writer), anchor))
+        rep = await _verify_chain(store, writer, markers.get(writer), anchor, valid.get(writer, []))
+        if rep.problem is None and forged.get(writer):
+            rep.problem = forged[writer][0]
+        report.chains.append(rep)
     return report
+
+
+def _sort_checkpoints(witnessed: Sequence[Witnessed], trusted: Mapping[str, TrustedKey], present: set[str],
+                      sink: str, report: VerifyReport) -> tuple[dict[str, list[Checkpoint]], dict[str, list[Problem]]]:
+    """Judge every document: per writer, the valid checkpoints and the faulty ones that concern this store."""
+    valid: dict[str, list[Checkpoint]] = {}
+    forged: dict[str, list[Problem]] = {}
+    for w in witnessed:
+        judged = judge(w, trusted)
+        cp = judged.checkpoint
+        if cp is None:
+            report.faults.append(judged.fault or "an unreadable checkpoint")
+            continue
+        if cp.writer not in present and cp.sink != sink:
+            if judged.fault is None:
+                report.unchecked.append(Unchecked(cp.writer, cp.seq, cp.sink, w.source))
+            continue
+        if judged.fault is None:
+            valid.setdefault(cp.writer, []).append(cp)
+        else:
+            forged.setdefault(cp.writer, []).append(Problem("forged", cp.seq, None, judged.fault))
+    return valid, forged
 
 
 class _Peek:
@@ -105,8 +168,13 @@ class _Peek:
 
 
 async def _verify_chain(store: AuditStore, writer: str, marker: PruneMarker | None,
-                        anchor: CursorInfo | None) -> ChainReport:
+                        anchor: CursorInfo | None, checkpoints: list[Checkpoint]) -> ChainReport:
     rep = ChainReport(writer, pruned_through=marker.seq if marker else None)
+    signed = _index_checkpoints(checkpoints, rep)
+    if marker is not None and (problem := _against_checkpoints(signed.get(marker.seq), marker.hash, None, writer,
+                                                               store.display_url)):
+        rep.problem = problem
+        return rep
     want = anchor.drained if anchor and anchor.drained and anchor.drained.writer == writer else None
     base = marker.seq if marker else 0
     # Rows at or before the marker exist only while a prune is unfinished (the JSONL store writes the marker,
@@ -138,6 +206,9 @@ async def _verify_chain(store: AuditStore, writer: str, marker: PruneMarker | No
                 record.chain.seq == want.seq and row.hash != want.hash:
             problem = Problem("edited", want.seq, record.id, f"record {want.seq} ({record.id}) differs from the "
                               "one the local spool delivered: the chain's tail was rewritten")
+        if problem is None and record is not None and record.chain is not None:
+            problem = _against_checkpoints(signed.get(record.chain.seq), row.hash, record.id, writer,
+                                           store.display_url)
         if problem is not None:
             rep.problem = problem
             return rep
@@ -153,7 +224,42 @@ async def _verify_chain(store: AuditStore, writer: str, marker: PruneMarker | No
     if want is not None and want.seq > end:
         rep.problem = Problem("truncated", end + 1, None, f"the local spool delivered records up to {want.seq} to "
                               f"this store, but the chain ends at {end}: records were deleted from the end")
+    elif signed and (top := max(signed)) > end:
+        cp = signed[top][0]
+        held = f"the chain ends at record {end}" if end else "this store holds none of its records"
+        rep.problem = Problem("truncated", end + 1, None, f"writer {writer} signed a checkpoint at record {top} "
+                              f"({_signed(cp, store.display_url)}), but {held}: records were deleted from the end")
     return rep
+
+
+def _index_checkpoints(checkpoints: list[Checkpoint], rep: ChainReport) -> dict[int, list[Checkpoint]]:
+    """Valid checkpoints by seq (one per distinct record hash); the newest goes into the report."""
+    signed: dict[int, list[Checkpoint]] = {}
+    for cp in sorted(checkpoints, key=lambda c: (c.seq, c.time_us)):
+        at = signed.setdefault(cp.seq, [])
+        if all(c.hash != cp.hash for c in at):
+            at.append(cp)
+    rep.checkpoints = sum(len(v) for v in signed.values())
+    if signed:
+        newest = signed[max(signed)][-1]
+        rep.checkpoint_seq, rep.checkpoint_time_us, rep.checkpoint_key = newest.seq, newest.time_us, newest.key_id
+    return signed
+
+
+def _against_checkpoints(signed: list[Checkpoint] | None, digest: str, record_id: str | None, writer: str,
+                         sink: str) -> Problem | None:
+    """Does the record (or prune marker) at a checkpoint's seq hash to what the writer signed?"""
+    for cp in signed or ():
+        if cp.hash != digest:
+            what = f"record {cp.seq} ({record_id})" if record_id else f"the prune marker at record {cp.seq}"
+            return Problem("rewritten", cp.seq, record_id, f"{what} is not the record writer {writer} signed in its "
+                           f"checkpoint ({_signed(cp, sink)}): the chain was rewritten up to there")
+    return None
+
+
+def _signed(cp: Checkpoint, sink: str) -> str:
+    elsewhere = "" if cp.sink == sink else f", made for {cp.sink}"
+    return f"{stamp(cp.time_us)}, key {cp.key_id}{elsewhere}"
 
 
 async def _step(record: AuditRecord, row: ChainRow, expected: int | None, prev_hash: str, prev_id: str | None,

@@ -35,6 +35,7 @@ from typing import Any
 
 from bastion import metrics
 from bastion.audit import ipc
+from bastion.audit.checkpoint import Checkpointer, start_checkpoints
 from bastion.audit.ipc import Hello, Ready, Status
 from bastion.audit.retention import run_retention
 from bastion.audit.sinks import StoreError
@@ -129,6 +130,7 @@ class Worker:
         self._received = 0
         self._last_status: Status | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._checkpoints: Checkpointer | None = None
 
     def send(self, kind: bytes, value: Any) -> None:
         if not self._out.is_closing():
@@ -146,11 +148,14 @@ class Worker:
         self.send(ipc.READY, Ready(writer.writer_id, str(writer.spool_directory), writer.store.display_url))
         self._spawn(self._report(), "audit-status")
         self._spawn(run_retention(writer.store, lambda: writer.config), "audit-retention")
+        self._checkpoints = await start_checkpoints(Path(hello.home), writer, hello.store_url)
         try:
             return await self._serve(writer)
         finally:
             for task in self._tasks:
                 task.cancel()
+            if self._checkpoints is not None:
+                await self._checkpoints.close(within=0.0)  # an error ended the worker: no last checkpoint
 
     async def _serve(self, writer: AuditWriter) -> int:
         while True:
@@ -169,6 +174,7 @@ class Worker:
                     self._spawn(self._flush(writer, value), "audit-flush")
                 elif kind == ipc.CLOSE:
                     drained = await writer.close(drain_for=float(value))
+                    await self._seal()
                     self.send(ipc.STATUS, self._status())
                     self.send(ipc.CLOSED, drained)
                     return 0
@@ -176,8 +182,15 @@ class Worker:
                 if self._input.frames.partial:
                     log.error("audit worker: the proxy stopped in the middle of a record; that record is lost")
                 await writer.close(drain_for=0.0)
+                await self._seal()
                 return 0
             await asyncio.sleep(ipc.POLL_EVERY)
+
+    async def _seal(self) -> None:
+        """The last signed checkpoint, for what the sink took before the writer closed."""
+        if self._checkpoints is not None:
+            checkpoints, self._checkpoints = self._checkpoints, None
+            await checkpoints.close()
 
     async def _hello(self) -> Hello | None:
         while True:

@@ -36,6 +36,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,8 @@ class AuditWriter:
         self._thread = threading.Thread(target=self._spool_main, name="bastion-audit-spool", daemon=True)
         self._drain_task: asyncio.Task[None] | None = None
         self._drops = Drops()
+        self.on_drained: Callable[[ChainHead], None] | None = None
+        """Called on the event loop with the chain head each time the sink took records (signed checkpoints)."""
         metrics.AUDIT_BACKLOG.inc(state.pending)
 
     @classmethod
@@ -172,6 +175,11 @@ class AuditWriter:
     @property
     def spool_directory(self) -> Path:
         return self._spool.directory
+
+    @property
+    def drained_head(self) -> ChainHead | None:
+        """The last record the sink took, as far as this writer knows (also from before a restart)."""
+        return self._drained
 
     @property
     def backlog(self) -> int:
@@ -549,6 +557,8 @@ class AuditWriter:
             metrics.AUDIT_RECORDS.inc(n)
             metrics.AUDIT_BACKLOG.dec(n)
         self._resolve_waiters()
+        if n and head is not None and self.on_drained is not None:
+            self.on_drained(head)
 
 
 def _set(fut: asyncio.Future[bool], value: bool) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bastion.coord.store import StoreUnavailable
+from bastion.private_files import prepare_sqlite
 
 T = TypeVar("T")
 
@@ -76,6 +77,10 @@ class SqliteFile:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
+            try:  # owner-only before SQLite creates it: it names agents, tasks and approvals
+                prepare_sqlite(self.path)
+            except OSError as e:  # reported like SQLite's own "unable to open database file"
+                raise sqlite3.OperationalError(f"unable to open database file: {e.strerror or e}") from e
             conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
             try:
                 self._enable_wal(conn)

@@ -77,7 +77,8 @@ class AuditService:
         except OSError as e:
             raise AuditStartError(f"cannot open the audit spool in {home.path}: {e.strerror or e}", 1) from None
         try:
-            self._client = await AuditClient.spawn(self._data.audit, home.path, self._reader.display_url)
+            self._client = await AuditClient.spawn(self._data.audit, home.path, self._reader.display_url,
+                                                   store_url=self._data.store)
         except OSError as e:
             raise AuditStartError(f"cannot start the audit worker process: {e.strerror or e}", 1) from None
 

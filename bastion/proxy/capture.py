@@ -20,10 +20,16 @@ Two pipeline stages (see `server.build_proxy`):
 
   A CONNECT that opens a tunnel is not an exchange (the requests inside it are) and gets no record.
 
-Bodies: the request is already buffered by mitmproxy (the rules may read it). A response the gate decided to
-stream (`stream = True`: event streams, unknown or large length) gets a `StreamTap` instead, which passes
-every chunk on at once and feeds a bounded `BodyCapture`; any other response is captured whole. Bodies keep
-their Content-Encoding here; the audit decodes them for storage under its size cap (gzip bombs stay cut).
+Bodies: the request is already buffered by mitmproxy (the rules may read it), except a large one decided
+before it arrived, which is streamed to the upstream through a `StreamTap` like a streamed response. A response
+the gate decided to stream (`stream = True`: event streams, unknown or large length) gets a `StreamTap`
+instead, which passes every chunk on at once and feeds a bounded `BodyCapture`; any other response is captured
+whole. Bodies keep their Content-Encoding here; the audit decodes them for storage under its size cap (gzip
+bombs stay cut).
+
+The record is handed over before the answer is released: `response` and `error` return what
+`AuditClient.handed_over()` gives (mitmproxy sends the answer, or its last bytes for a streamed one, only once
+the hook is done), so a call the agent saw answered is on record even if the proxy is killed right after.
 
 What the stages hand over is an `ExchangeSnapshot` (`flowrecord.snapshot`): references and small values,
 built in a few microseconds. Digesting bodies, building the record, redaction and the hash chain happen in the
@@ -76,6 +82,8 @@ class AuditSink(Protocol):
     def capture(self, *, content_encoding: str = "", content_type: str = "") -> BodyCapture: ...
 
     def submit_exchange(self, snapshot: ExchangeSnapshot) -> bool: ...
+
+    # Optional: `handed_over() -> Awaitable[None] | None`, awaited before the answer is released.
 
 
 def refuse_unaudited(flow: http.HTTPFlow) -> None:
@@ -132,6 +140,13 @@ class Capture:
             exchange.decided = time.time()
         if flow.response is None and self.writer.must_refuse():
             refuse_unaudited(flow)
+        elif flow.response is None and exchange is not None and flow.metadata.get(flowmeta.DECIDED_EARLY):
+            # The body will be streamed to the upstream (see `Pipeline`): keep what the audit keeps of it.
+            fields = flow.request.headers.fields
+            exchange.request_tap = tap = StreamTap(self.writer.capture(
+                content_encoding=header_value(fields, b"content-encoding") or "",
+                content_type=header_value(fields, b"content-type") or ""))
+            flow.request.stream = tap
 
     # -- responses ------------------------------------------------------------------------------------------
 
@@ -215,10 +230,16 @@ class Capture:
                                        response_body=response_body, pinned=self.pinned, ended_us=now_us())
             if _large(snap.request_body) or _large(snap.response_body):
                 return self._submit_large(snap)
-            self.writer.submit_exchange(snap)  # a refusal is counted by the writer
+            if self.writer.submit_exchange(snap):  # a refusal is counted by the writer
+                return self._handed_over()
         except Exception:  # a record that cannot be built must never break the agent's call
             self._lost(flow.metadata.get(flowmeta.REQUEST_ID))
         return None
+
+    def _handed_over(self) -> Awaitable[None] | None:
+        """What the answer waits for: the record out of this process (see `AuditClient.handed_over`)."""
+        handed_over = getattr(self.writer, "handed_over", None)
+        return handed_over() if handed_over is not None else None
 
     async def _submit_large(self, snap: ExchangeSnapshot) -> None:
         """Digest and cut large bodies on a thread (hashing releases the GIL), so only what is kept travels."""
@@ -228,7 +249,10 @@ class Capture:
             req_body, resp_body = await asyncio.to_thread(
                 lambda: (captured(snap.request_body, snap.request_fields, limit),
                          captured(snap.response_body, resp_fields, limit)))
-            self.writer.submit_exchange(snap._replace(request_body=req_body, response_body=resp_body))
+            if self.writer.submit_exchange(snap._replace(request_body=req_body, response_body=resp_body)):
+                pending = self._handed_over()
+                if pending is not None:
+                    await pending
         except Exception:
             self._lost(snap.id)
 

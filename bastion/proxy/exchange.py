@@ -50,6 +50,7 @@ class Exchange:
     agent a refused request claimed to be). `decided`: wall-clock time when every request stage had run, i.e.
     when the request was forwarded or refused. `tap`: set once streamed response headers went to the agent.
     `recorded`: the exchange has its record (mitmproxy can report an error after a response, or the reverse).
+    `request_tap`: set when the request body is streamed to the upstream instead of buffered (decided early).
     """
 
     fields: HeaderFields
@@ -58,3 +59,4 @@ class Exchange:
     decided: float | None = None
     tap: StreamTap | None = None
     recorded: bool = False
+    request_tap: StreamTap | None = None

@@ -64,8 +64,9 @@ def response_facts(resp: http.Response, *, source: str, streamed: bool = False) 
 def snapshot(flow: http.HTTPFlow, exchange: Exchange | None, *, outcome: str, response: ResponseFacts | None,
              error: tuple[str, str] | None, response_body: Body, pinned: str | None,
              ended_us: int) -> ExchangeSnapshot:
-    """The snapshot of `flow`. Its request body is the request's content as received; the capture digests bodies
-    too large to travel whole before submitting (`Capture._submit_large`)."""
+    """The snapshot of `flow`. Its request body is the request's content as received (or, for a body streamed to
+    the upstream, what the capture's tap kept of it); the capture digests bodies too large to travel whole before
+    submitting (`Capture._submit_large`)."""
     meta = flow.metadata
     req = flow.request
     refusal = meta.get(flowmeta.REFUSAL)
@@ -103,7 +104,8 @@ def snapshot(flow: http.HTTPFlow, exchange: Exchange | None, *, outcome: str, re
         target=exchange.target if exchange is not None else req.path,
         http_version=req.http_version,
         request_fields=exchange.fields if exchange is not None else req.headers.fields,
-        request_body=req.raw_content or None,
+        request_body=(exchange.request_tap.finish(complete=req.timestamp_end is not None)
+                      if exchange is not None and exchange.request_tap is not None else req.raw_content or None),
         response=response,
         response_body=response_body,
         error=error,

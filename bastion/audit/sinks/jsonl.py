@@ -40,6 +40,7 @@ from bastion.audit.sinks.base import (
     page_key,
     parse_page_key,
 )
+from bastion.private_files import open_private, tighten
 
 log = logging.getLogger("bastion.audit")
 T = TypeVar("T")
@@ -84,7 +85,19 @@ class JsonlStore(AuditStore):
         if not self.directory.parent.is_dir():
             raise StoreError(f"{self.display_url}: directory {self.directory.parent} does not exist")
         self.directory.mkdir(exist_ok=True, mode=0o700)
+        self._tighten()
         self._open = True
+
+    def _tighten(self) -> None:
+        """Records and bodies are sensitive: writer directories and files are owner-only. New ones are created
+        so; ones an older version left readable by others are narrowed here (with a warning). The top
+        directory is left as it is, it may be a shared log directory."""
+        for writer in self._writer_dirs():
+            d = self.directory / writer
+            tighten(d)
+            with contextlib.suppress(OSError):
+                for p in d.iterdir():
+                    tighten(p)
 
     async def close(self) -> None:
         if self._executor is not None:
@@ -189,7 +202,7 @@ class JsonlStore(AuditStore):
                     state.size, state.day = 0, today
                 f = touched.get(state.path)
                 if f is None:
-                    f = touched[state.path] = open(state.path, "ab")  # noqa: SIM115 - closed in finally
+                    f = touched[state.path] = open_private(state.path)
                 line = _line(e)
                 f.write(line)
                 state.size += len(line)
@@ -208,7 +221,8 @@ class JsonlStore(AuditStore):
     def _compress(path: Path) -> None:
         target = path.with_name(path.name + ".gz")
         tmp = target.with_name(target.name + ".tmp")
-        with open(path, "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
+        with open(path, "rb") as src, open_private(tmp, "wb") as raw, \
+                gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         os.replace(tmp, target)
         path.unlink()
@@ -333,7 +347,7 @@ class JsonlStore(AuditStore):
                     break
                 target = path.with_name(f"{_first_seq(path):012d}.purged.jsonl.gz")
                 tmp = target.with_name(target.name + ".tmp")
-                with gzip.open(tmp, "wb", compresslevel=6) as f:
+                with open_private(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as f:
                     for obj in lines:
                         stripped = hashed_form(obj)
                         stripped["hash"] = obj.get("hash")
@@ -435,7 +449,7 @@ def _cut_partial_line(path: Path) -> None:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with open_private(tmp, "wb") as f:
         f.write(json.dumps(obj).encode())
         f.flush()
         os.fsync(f.fileno())

@@ -9,8 +9,6 @@ locks taken by retention or by the lock store sharing the file.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +40,7 @@ from bastion.audit.sinks.sql import (
     select_records,
     select_stats,
 )
+from bastion.private_files import prepare_sqlite
 
 T = TypeVar("T")
 
@@ -116,9 +115,9 @@ class SQLiteStore(AuditStore):
         if not self.path.parent.is_dir():
             raise StoreError(f"{self.display_url}: directory {self.path.parent} does not exist")
         try:
-            # Records are sensitive: a new database is owner-only (SQLite gives -wal and -shm the same mode).
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            # Records and bodies are sensitive: the file is owner-only before SQLite opens it (created 0600, or
+            # tightened if an older version left it wider); SQLite gives -wal and -shm the same mode.
+            prepare_sqlite(self.path)
             conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
                                    check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
