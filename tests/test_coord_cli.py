@@ -61,7 +61,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
     if request.param == "sqlite":
         (tmp_path / "home").mkdir()
         monkeypatch.setenv("BASTION_HOME", str(tmp_path / "home"))
-        yield f"sqlite:///{tmp_path / 'home' / 'bastion.db'}"
+        url = f"sqlite:///{tmp_path / 'home' / 'bastion.db'}"
+        store_call(url, "list_locks")  # the sidecar creates the store; the commands only open it
+        yield url
         return
     base = require_redis()
     prefix = f"bastiontest:{uuid.uuid4().hex}:"
@@ -208,8 +210,12 @@ def test_store_down_is_one_clear_line(rules: Path, tmp_path: Path) -> None:
         for action in (["list"], ["release", "ticket:42"], ["handoff", "ticket:42", "--to", "billing-bot"]):
             done = subprocess.run([sys.executable, "-c", program, "locks", *action, "--store", store],
                                   env=env, capture_output=True, text=True, timeout=60)
-            assert done.returncode == 1, done.stderr
-            assert done.stderr.startswith("error: lock store ") and "unavailable" in done.stderr
+            if store.startswith("sqlite"):  # a store that does not exist is never created (exit 2)
+                assert done.returncode == 2, done.stderr
+                assert done.stderr.startswith("error: the store ") and "does not exist" in done.stderr
+            else:
+                assert done.returncode == 1, done.stderr
+                assert done.stderr.startswith("error: lock store ") and "unavailable" in done.stderr
             assert "Traceback" not in done.stderr and done.stdout == ""
 
 
@@ -222,9 +228,10 @@ def test_bad_store_url_is_refused(capsys, rules: Path) -> None:
 def test_default_store_lives_under_home(capsys, rules: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     seed_home = f"sqlite:///{home / 'bastion.db'}"
-    code, _, _ = bastion(capsys, "locks", "list", "--home", str(home), "--rules", str(rules),
-                         "--user-token", "bob-token")
-    assert code == 0 and (home / "bastion.db").exists()
+    code, _, err = bastion(capsys, "locks", "list", "--home", str(home), "--rules", str(rules),
+                           "--user-token", "bob-token")
+    assert code == 2 and str(home / "bastion.db") in err and not home.exists()  # never created by a reader
+    home.mkdir()
     seed_locks(seed_home, (f"ticket:{uuid.uuid4().hex[:6]}", "support-bot"))
     code, out, _ = bastion(capsys, "locks", "list", "--home", str(home), "--rules", str(rules),
                            "--user-token", "bob-token")

@@ -4,7 +4,10 @@ The commands open the same store URL as the sidecars (`--store`, `BASTION_STORE`
 under `--home`), so an operator can act on a whole fleet without reaching any sidecar. They act as a user:
 `--user-token` (or `BASTION_USER_TOKEN`, which stays out of `ps`) is checked against the rules' `users`; any
 valid user may list, releasing and handing off need the `admin` role. Every failure is one clear line on
-stderr and exit status 1, never a traceback.
+stderr and exit status 1, never a traceback; exit status 2 when the SQLite store named does not exist.
+
+These commands never create a store: a missing file means a wrong `--home` (or none given, so the default
+`~/.bastion`), and an empty store made there would answer "no live locks" while the sidecars' store holds some.
 """
 
 from __future__ import annotations
@@ -16,9 +19,18 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bastion.config import ConfigError, add_home_args, add_rules_arg, data_settings, resolve_rules
+from bastion.config import (
+    DEFAULT_HOME,
+    ConfigError,
+    add_home_args,
+    add_rules_arg,
+    data_settings,
+    resolve_rules,
+    sqlite_path,
+)
 from bastion.coord.store import (
     DEFAULT_HANDOFF_TTL,
     LockInfo,
@@ -31,7 +43,7 @@ from bastion.coord.store import (
 if TYPE_CHECKING:
     from bastion.policy.engine import Policy, UserSpec
 
-EXIT_OK, EXIT_FAIL = 0, 1
+EXIT_OK, EXIT_FAIL, EXIT_NO_STORE = 0, 1, 2
 ADMIN_ROLE = "admin"
 
 
@@ -77,13 +89,34 @@ def duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def fail(message: str) -> int:
+def fail(message: str, code: int = EXIT_FAIL) -> int:
     print(f"error: {message}", file=sys.stderr)
-    return EXIT_FAIL
+    return code
 
 
 class Refused(Exception):
     """The command may not run: the message says why and what to do."""
+
+
+class StoreMissing(Exception):
+    """A control command was pointed at a SQLite store (or JSONL audit directory) that does not exist."""
+
+
+def require_existing_store(url: str, *, what: str, flag: str, variable: str) -> None:
+    """Raise StoreMissing when `url` names a local file or directory that is not there. Redis and PostgreSQL
+    URLs pass: they answer or fail to connect, and never appear empty because of a typo in a path."""
+    if url.startswith("sqlite:"):
+        path = sqlite_path(url)
+    elif url.startswith("jsonl:///"):
+        path = Path(url[len("jsonl:///"):]).expanduser()
+    else:
+        return
+    if path.exists():
+        return
+    raise StoreMissing(
+        f"the {what} {path} does not exist: no sidecar has written there, and this command does not create it. "
+        f"Point at the sidecars' data with --home DIR or BASTION_HOME (default {DEFAULT_HOME}, whose "
+        f"bastion.db holds the store and the audit), or name it with {flag} URL or {variable}.")
 
 
 def authorize(args: argparse.Namespace, *, admin_for: str | None) -> Policy:
@@ -116,12 +149,13 @@ def authorize_user(args: argparse.Namespace, *, admin_for: str | None) -> tuple[
 def run_on_store(args: argparse.Namespace, action: Callable[[Any], Awaitable[int]],
                  opener: Callable[[str], Any] = open_store) -> int:
     """Open the store (`opener(url)`: the lock store by default), run `action` on it, close it; store trouble
-    becomes one line and exit 1."""
+    becomes one line and exit 1, a SQLite store that does not exist (never created here) exit 2."""
     try:
         data = data_settings(args)
+        require_existing_store(data.store, what="store", flag="--store", variable="BASTION_STORE")
         store = opener(data.store)
-        if data.store == f"sqlite:///{data.home.database}":
-            data.home.ensure()
+    except StoreMissing as e:
+        return fail(str(e), EXIT_NO_STORE)
     except (ConfigError, OSError) as e:
         return fail(str(e))
 
