@@ -16,7 +16,9 @@ _LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 
 _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 # --- proxy and policy ---------------------------------------------------------------------------------------
-REQUESTS = Counter("bastion_requests", "Agent requests decided, one per request (not per tunnel).",
+REQUESTS = Counter("bastion_requests", "Agent requests, one per request (not per tunnel), by outcome: the "
+                   "policy's decision (allow, deny, hold), or the refusal type that stopped a request the policy "
+                   "did not (lock_conflict, bad_request, audit_unavailable, ...).",
                    ["agent", "decision"], registry=REGISTRY)
 REFUSALS = Counter("bastion_refusals", "Requests Bastion answered itself, by error type.", ["type"],
                    registry=REGISTRY)

@@ -176,6 +176,18 @@ def metric(server: BastionServer, name: str) -> float:
     return float(m.group(1))
 
 
+def audit_tail_label(pair: Pair, request_id: str, timeout: float = 20.0) -> str:
+    """The decision column `bastion audit tail` prints for one request (once its record reached the audit)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tail = run_cli("audit", "tail", "-n", "200", "--store", pair.store, "--home", str(pair.home))
+        line = next((ln for ln in tail.stdout.splitlines() if request_id in ln), None)
+        if line is not None:
+            return line.split()[3]
+        assert time.monotonic() < deadline, f"{request_id} never appeared in audit tail: {tail.stderr}"
+        time.sleep(0.2)
+
+
 def wait_for_status(send: Callable[[], requests.Response], status: int, timeout: float = 15.0) -> requests.Response:
     """Send until the answer has `status` (a lease running out, a store coming back)."""
     deadline = time.monotonic() + timeout
@@ -204,6 +216,9 @@ def test_other_agent_is_refused_with_423_before_the_upstream_sees_it(pair: Pair,
     assert refused.headers["X-Bastion-Request-Id"] == err["request_id"]
     assert f"/tickets/{t}/comments?from=b" not in fenced.seen_paths()
     assert metric(pair.b, "bastion_lock_conflicts_total") == conflicts + 1
+    # Counted under its own outcome, not as the `allow` the rules said before the lock stage refused it.
+    assert metric(pair.b, f'bastion_requests_total{{agent="{B}",decision="lock_conflict"}}') >= 1
+    assert audit_tail_label(pair, refused.headers["X-Bastion-Request-Id"]) == "lock_conflict"
     # The holder keeps working under the same fence.
     assert fence_of(post(pair.a, fenced, f"/tickets/{t}/comments")) == fence
 

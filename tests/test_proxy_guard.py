@@ -106,7 +106,7 @@ def test_proxy_cannot_be_looped_through_itself(lenient: BastionServer) -> None:
     assert "proxy listener" in refusal(resp)
 
 
-def test_the_store_is_unreachable_even_with_allow_private(tmp_path: Path, bastion_home: Path) -> None:
+def test_the_store_is_unreachable_even_with_allow_private(tmp_path: Path, bastion_home: Path, prefix: str) -> None:
     """Every address form that reaches a store on this host is refused, even when allow_private lists it:
     0.0.0.0 and [::] connect to this host on Linux, and Redis listens on [::1] as well as 127.0.0.1."""
     redis_url = require_redis()
@@ -114,8 +114,8 @@ def test_the_store_is_unreachable_even_with_allow_private(tmp_path: Path, bastio
     rules.write_text((TESTDATA_RULES / "proxy.yaml").read_text().replace(
         'allow_private: ["127.0.0.0/8", "::1/128"]', 'allow_private: ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/96"]'
     ).replace('0.0.0.0]}', '0.0.0.0, "::", 127.0.0.2, "::ffff:0.0.0.0", "::127.0.0.1"]}'))
-    with run_bastion(tmp_path, [rules], home=bastion_home,
-                     extra_args=["--store", redis_url.replace("127.0.0.1", "localhost")]) as server:
+    store = redis_url.replace("127.0.0.1", "localhost") + f"?prefix={prefix}"  # audit checkpoints go under it
+    with run_bastion(tmp_path, [rules], home=bastion_home, extra_args=["--store", store]) as server:
         for host in ("127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "0.0.0.0", "[::1]", "[::]", "127.0.0.2",
                      "[::ffff:0.0.0.0]", "[::127.0.0.1]"):
             assert "store" in refusal(get(server, SUPPORT, f"http://{host}:{REDIS_PORT}/")), host

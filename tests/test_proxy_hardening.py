@@ -277,3 +277,67 @@ def test_a_slow_upstream_answer_is_not_cut_by_the_header_timeout(strict_timeouts
                                                                  upstream: Upstream) -> None:
     resp = strict_timeouts.session(*SUPPORT).get(f"{upstream.http_url}/slow?seconds=3", timeout=30)
     assert resp.status_code == 200
+
+
+# -- streaming a body no rule reads ---------------------------------------------------------------------------
+
+
+class _RawUpstream:
+    """A one-shot upstream on a raw socket: it tells when the request head arrived, before any body."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(20)
+        self.port = self.sock.getsockname()[1]
+        self.conn: socket.socket | None = None
+
+    def read_head(self) -> bytes:
+        self.conn, _ = self.sock.accept()
+        self.conn.settimeout(20)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self.conn.recv(65536)
+        return data
+
+    def read_body_and_answer(self, head: bytes, length: int) -> bytes:
+        assert self.conn is not None
+        body = head.partition(b"\r\n\r\n")[2]
+        while len(body) < length:
+            body += self.conn.recv(1 << 20)
+        self.conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
+        return body
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.sock.close()
+
+
+def test_a_large_body_no_rule_reads_is_streamed_and_audited(server: BastionServer) -> None:
+    """8 MiB announced, 1 MiB sent: the upstream already has the request. A proxy that buffered the body
+    would forward nothing before the last byte. The audit record still describes the whole body."""
+    import hashlib
+
+    from auditproxy import wait_for_record
+
+    body = bytes(range(256)) * (8 << 12)  # 8 MiB
+    upstream = _RawUpstream()
+    try:
+        with connect(server) as s:
+            s.sendall(f"POST http://127.0.0.1:{upstream.port}/upload HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+                      f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n"
+                      f"Proxy-Authorization: {AUTH}\r\n\r\n".encode())
+            s.sendall(body[: 1 << 20])
+            head = upstream.read_head()  # arrives while 7 MiB are still unsent
+            assert head.startswith(b"POST /upload HTTP/1.1")
+            s.sendall(body[1 << 20:])
+            received = upstream.read_body_and_answer(head, len(body))
+            status, headers, _ = read_response(s)
+    finally:
+        upstream.close()
+    assert received == body
+    assert status == 200
+    record = wait_for_record(f"sqlite:///{server.home / 'bastion.db'}", headers["x-bastion-request-id"])
+    assert record.request.body is not None
+    assert record.request.body.size == len(body)
+    assert record.request.body.sha256 == hashlib.sha256(body).hexdigest()

@@ -472,3 +472,23 @@ async def test_resolver_caches_shares_lookups_and_reports_failures(monkeypatch: 
     with pytest.raises(ResolveError, match=r"cannot resolve nx\.test: Name or service not known"):
         await resolver.resolve("nx.test")
     assert resolver.cached("nx.test") is None
+
+
+def test_the_approval_preview_masks_a_secret_echoed_elsewhere_in_the_call() -> None:
+    """The approver's preview redacts as the audit does: a token masked in its header is masked where the
+    body repeats it too."""
+    from types import SimpleNamespace
+
+    from mitmproxy.test import tflow
+
+    from bastion.policy.engine import AuditSettings
+    from bastion.proxy.approvals import _Preview
+
+    secret = "sk-live-abcdefgh12345678"
+    flow = tflow.tflow()
+    flow.request.headers["authorization"] = f"Bearer {secret}"
+    flow.request.headers["content-type"] = "application/json"
+    flow.request.content = f'{{"note": "my key is {secret}", "n": 1}}'.encode()
+    preview = _Preview().build(flow, f"http://example.com/x?echo={secret}", SimpleNamespace(audit=AuditSettings()))
+    assert secret not in str(preview)
+    assert "my key is" in preview["body"]

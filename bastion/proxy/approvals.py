@@ -207,7 +207,7 @@ class _Preview:
         return found
 
     def build(self, flow: http.HTTPFlow, url: str, policy: Any) -> dict[str, Any]:
-        redactor = self.redactor(policy)
+        redactor = self.redactor(policy).exchange()  # remembers what it masks: echoes are masked too
         found: list[str] = []
         req = flow.request
         body = req.raw_content or b""
@@ -221,15 +221,25 @@ class _Preview:
                 decoded, cut = out.data, out.cut
             except DecodeError:
                 decoded = b"\x00"  # shown as binary: size and digest only
+        text: bytes | None = None
         if decoded and b"\x00" not in decoded and _is_text(decoded, cut):
-            shown = redactor.body(decoded, ctype, "/request/body", found).decode("utf-8", "replace")
+            text = redactor.body(decoded, ctype, "/request/body", found)
         fields = list(req.headers.items(multi=True))
-        headers = [[k, v if len(v) <= PREVIEW_HEADER_VALUE else v[:PREVIEW_HEADER_VALUE] + "…"]
-                   for k, v in redactor.headers(fields[:PREVIEW_HEADERS], "/request/headers", found)]
+        kept = redactor.headers(fields[:PREVIEW_HEADERS], "/request/headers", found)
+        shown_url = redactor.url(url, "/request/url", found)
+        echoes = redactor.echoes()  # a secret masked in one part, repeated in another (a token in the URL, say)
+        if echoes is not None:
+            kept = echoes.headers(kept, "/request/headers", found)
+            shown_url = echoes.text(shown_url, "/request/url", found)
+            if text is not None:
+                text = echoes.body(text, ctype, "/request/body", found, cut=cut)
+        if text is not None:
+            shown = text.decode("utf-8", "replace")
+        headers = [[k, v if len(v) <= PREVIEW_HEADER_VALUE else v[:PREVIEW_HEADER_VALUE] + "…"] for k, v in kept]
         if len(fields) > PREVIEW_HEADERS:
             headers.append(["…", f"{len(fields) - PREVIEW_HEADERS} more header(s) not shown"])
         return {
-            "method": req.method, "url": redactor.url(url, "/request/url", found), "headers": headers,
+            "method": req.method, "url": shown_url, "headers": headers,
             "body": shown, "body_size": len(body), "body_sha256": hashlib.sha256(body).hexdigest(),
             "body_truncated": cut, "content_type": ctype, "content_encoding": encoding or None,
             "redacted": found,

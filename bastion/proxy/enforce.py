@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from mitmproxy import http
 from mitmproxy.net.http.url import parse_authority
 
-from bastion.metrics import DECISION_SECONDS, REQUESTS
+from bastion.metrics import DECISION_SECONDS
 from bastion.policy.decision import Decision
 from bastion.policy.facts import DEFAULT_BODY_LIMIT, FactsError, RequestFacts, canonical_host
 from bastion.proxy import flowmeta, responses
 from bastion.proxy.httplimits import BodyLimit
-from bastion.proxy.settings import MAX_HEADER_BYTES, MAX_REQUEST_BODY
+from bastion.proxy.settings import MAX_HEADER_BYTES, MAX_REQUEST_BODY, STREAM_REQUEST_ABOVE
 
 log = logging.getLogger("bastion.proxy")
 
@@ -78,8 +77,8 @@ class Enforce:
         self.max_request_body = max_request_body
         self.max_header_bytes = max_header_bytes
         self.json_body_limit = json_body_limit
-        self._counters: dict[tuple[str, str], Any] = {}
         self._body_limit = BodyLimit(max_request_body, self._too_large)
+        self._stream_above = max(json_body_limit, STREAM_REQUEST_ABOVE)
 
     # -- hooks ----------------------------------------------------------------------------------------------
 
@@ -94,7 +93,6 @@ class Enforce:
             if length is None and len(k) == 14 and k.lower() == b"content-length":
                 length = v
         if size > self.max_header_bytes:
-            self._count_refused(flow)
             responses.refuse(flow, 431, responses.HEADERS_TOO_LARGE,
                              f"Request headers are {size} bytes; Bastion accepts at most {self.max_header_bytes}.",
                              headers={"connection": "close"})
@@ -109,9 +107,27 @@ class Enforce:
                 return
         # A body without a length (chunked, HTTP/2) is counted while it arrives and refused at the limit.
         flow.metadata[flowmeta.BODY_LIMIT] = self._body_limit
+        if length is not None and n > self._stream_above and flow.request.method != "CONNECT":
+            self._decide_before_body(flow)
+
+    def _decide_before_body(self, flow: http.HTTPFlow) -> None:
+        """Decide a large body's request before its body arrives, so that it can be streamed.
+
+        Exact, not a guess: JSON conditions and `{json.*}` templates never read a body over the JSON limit
+        (they fail closed, as for a missing body), so the rules give the same answer with or without it. Only
+        a plain allow is taken early (a hold binds the body into its approval, a lock may be taken on it);
+        anything else is decided again, as usual, once the body is read."""
+        try:
+            if self._decide(flow, early=True):
+                flow.metadata[flowmeta.DECIDED_EARLY] = True
+        except Exception:
+            log.exception("policy enforcement failed (request_id=%s)", flow.metadata.get(flowmeta.REQUEST_ID))
+            if flow.response is None:
+                responses.refuse(flow, 500, responses.INTERNAL_ERROR,
+                                 "Bastion could not evaluate this request; it was not forwarded.")
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:
+        if flow.response is not None or flowmeta.DECISION in flow.metadata:  # refused, or decided early
             return
         try:
             self._decide(flow)
@@ -123,7 +139,9 @@ class Enforce:
 
     # -- the decision ---------------------------------------------------------------------------------------
 
-    def _decide(self, flow: http.HTTPFlow) -> None:
+    def _decide(self, flow: http.HTTPFlow, *, early: bool = False) -> bool:
+        """Decide and enforce; True when a decision was taken. `early`: at `requestheaders`, without the
+        body; only a plain allow is taken then (nothing is recorded or counted otherwise)."""
         meta = flow.metadata
         agent: str = meta[flowmeta.AGENT]
         policy = meta[flowmeta.POLICY]
@@ -131,12 +149,11 @@ class Enforce:
         body = req.raw_content
         if body is not None and len(body) > self.max_request_body:  # chunked uploads have no length upfront
             self._too_large(flow, len(body))
-            return
+            return True
         if req.method == "PRI":  # an HTTP/2 connection preface in cleartext: never a request to forward
-            self._count_refused(flow)
             responses.refuse(flow, 400, responses.BAD_REQUEST,
                              "HTTP/2 without TLS (prior knowledge) is not supported; use https:// for HTTP/2.")
-            return
+            return True
         raw_path, _, raw_query = req.path.partition("?")
         headers = facts_headers(req.headers.fields)
         if headers.get("upgrade", "").lower() == "h2c":  # cleartext HTTP/2 upgrade: neither side may switch
@@ -148,25 +165,25 @@ class Enforce:
             facts = RequestFacts.build(
                 method=req.method, scheme=scheme, host=req.host, port=req.port, raw_path=raw_path,
                 raw_query=raw_query, headers=headers, body=body, body_limit=self.json_body_limit,
+                normalize=policy.normalize,
             )
         except FactsError as e:
-            self._count_refused(flow)
             responses.refuse(flow, 400, responses.BAD_REQUEST, f"Malformed request: {e}.")
-            return
+            return True
         host_header = req.host_header
         if host_header is not None and not host_header_matches(host_header, req.host, req.port, facts):
-            self._count_refused(flow)
             responses.refuse(flow, 400, responses.BAD_REQUEST,
                              f"The Host header {host_header!r} does not name the host this request goes to "
                              f"({facts.host}:{facts.port}).")
-            return
+            return True
 
         started = time.perf_counter()
         decision = policy.evaluate(facts, agent)
+        if early and (decision.effect != "allow" or decision.locks or decision.releases):
+            return False
         DECISION_SECONDS.observe(time.perf_counter() - started)
         meta[flowmeta.FACTS] = facts
         meta[flowmeta.DECISION] = decision
-        self._count(agent, decision.effect)
 
         if decision.mode == "report" and decision.would_effect != "allow":
             log.info("report mode: would %s %s %s://%s:%d%s (agent=%s rule=%s reason=%s request_id=%s)",
@@ -174,7 +191,7 @@ class Enforce:
                      agent, decision.rule, decision.reason, meta[flowmeta.REQUEST_ID])
         if decision.effect == "deny":
             self._deny(flow, facts, decision)
-            return
+            return True
         obligations = set()
         if decision.effect == "hold":
             obligations.add(flowmeta.OBLIGATION_APPROVAL)
@@ -184,6 +201,7 @@ class Enforce:
             meta[flowmeta.OBLIGATIONS] = obligations
         if facts.forward_target != req.path:
             req.path = facts.forward_target
+        return True
 
     @staticmethod
     def _deny(flow: http.HTTPFlow, facts: RequestFacts, decision: Decision) -> None:
@@ -204,19 +222,6 @@ class Enforce:
     # -- helpers --------------------------------------------------------------------------------------------
 
     def _too_large(self, flow: http.HTTPFlow, size: int) -> None:
-        self._count_refused(flow)
         responses.refuse(flow, 413, responses.REQUEST_TOO_LARGE,
                          f"Request body is {size} bytes; Bastion accepts at most {self.max_request_body}.",
                          headers={"connection": "close"})
-
-    def _count(self, agent: str, effect: str) -> None:
-        counter = self._counters.get((agent, effect))
-        if counter is None:
-            counter = self._counters[(agent, effect)] = REQUESTS.labels(agent, effect)
-        counter.inc()
-
-    def _count_refused(self, flow: http.HTTPFlow) -> None:
-        """Requests refused before the rules ran still count as the agent's (denied) requests."""
-        agent = flow.metadata.get(flowmeta.AGENT)
-        if agent is not None:
-            self._count(agent, "deny")

@@ -29,6 +29,8 @@ Set per agent request (not on CONNECT flows, except REQUEST_ID, AGENT and POLICY
   `waited_s` is how long the agent's connection was held.
 - BODY_LIMIT: `bastion.proxy.httplimits.BodyLimit`, how many body bytes this request may send before it is
   refused with 413 while it arrives (set by enforcement at `requestheaders`).
+- DECIDED_EARLY: True when enforcement decided at `requestheaders` (a large body no rule can read, on a plain
+  allow): the pipeline then runs every stage's `request` step at once, and streams the body to the upstream.
 - CAPTURE: the audit capture's own state for this exchange (`bastion.proxy.exchange.Exchange`): what the
   agent sent, taken before any stage changes the request, and the response body tap. Only capture uses it.
 """
@@ -49,6 +51,7 @@ LOCK_EVENTS = "bastion.lock_events"
 APPROVAL = "bastion.approval"
 CAPTURE = "bastion.capture"
 BODY_LIMIT = "bastion.body_limit"
+DECIDED_EARLY = "bastion.decided_early"
 
 OBLIGATION_APPROVAL = "approval"
 OBLIGATION_LOCK = "lock"

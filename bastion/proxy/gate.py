@@ -7,7 +7,8 @@
 - Upstream responses that are event streams, of unknown length or large are streamed to the agent as they
   arrive instead of being buffered (`flow.response.stream = True`; a capture addon placed after the gate may
   replace it with a tap that records chunks).
-- In-flight requests are counted so a graceful shutdown can wait for them.
+- In-flight requests are counted so a graceful shutdown can wait for them, and each agent request is counted in
+  `bastion_requests_total` once it is answered, under its final outcome.
 - Websocket flows keep only their newest message (see `websocket_message`), so long sessions stay bounded.
 """
 
@@ -19,12 +20,14 @@ from typing import Any
 
 from mitmproxy import http
 
-from bastion.metrics import UPSTREAM_SECONDS
+from bastion.metrics import REQUESTS, UPSTREAM_SECONDS
+from bastion.outcomes import outcome_label
 from bastion.proxy import flowmeta, responses
 
 STREAM_ABOVE = 1 << 20
 """Upstream bodies larger than this (bytes, from Content-Length) are streamed instead of buffered."""
 
+_COUNTED = "bastion.gate.counted"
 _ID_HEADER = flowmeta.REQUEST_ID_HEADER.encode()
 _ID_HEADER_LOWER = _ID_HEADER.lower()
 
@@ -34,6 +37,7 @@ class Gate:
 
     def __init__(self) -> None:
         self._inflight: set[Any] = set()
+        self._counters: dict[tuple[str, str], Any] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -134,11 +138,31 @@ class Gate:
             done = flow.response.timestamp_end
             if sent is not None and done is not None:
                 UPSTREAM_SECONDS.observe(max(0.0, done - sent))
+        self._count(flow)
         if flow.websocket is None:
             self._done(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._count(flow)
         self._done(flow)
+
+    def _count(self, flow: http.HTTPFlow) -> None:
+        """`bastion_requests_total{agent,decision}`, once per agent request, when it is answered or ends:
+        by then every stage that could refuse it has spoken (see `bastion.outcomes`)."""
+        meta = flow.metadata
+        agent = meta.get(flowmeta.AGENT)
+        if agent is None or _COUNTED in meta:
+            return
+        meta[_COUNTED] = True
+        decision = meta.get(flowmeta.DECISION)
+        label = outcome_label(decision.effect if decision is not None else None,
+                                        meta.get(flowmeta.REFUSAL))
+        if label is None:
+            return  # ended before anything decided it (the agent went away): not a decided request
+        counter = self._counters.get((agent, label))
+        if counter is None:
+            counter = self._counters[(agent, label)] = REQUESTS.labels(agent, label)
+        counter.inc()
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         """mitmproxy keeps every message of a websocket on the flow, which grows without bound on a long

@@ -26,7 +26,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from bastion.proxy import responses
+from bastion.proxy import flowmeta, responses
 
 log = logging.getLogger("bastion.proxy")
 
@@ -40,7 +40,7 @@ HOOKS = (
     "next_layer", "tls_clienthello", "tls_start_client", "tls_start_server",
     "tls_established_client", "tls_failed_client", "tcp_start", "udp_start",
 )
-_DECIDING = frozenset({"http_connect", "http_connected", "http_connect_error", "requestheaders", "request"})
+_DECIDING = frozenset({"http_connect", "requestheaders", "request"})
 
 Method = Callable[..., Any]
 
@@ -54,6 +54,9 @@ class Pipeline:
             methods = [m for s in self.stages if callable(m := getattr(s, hook, None))]
             if methods:
                 setattr(self, hook, self._runner(hook, methods))
+        headers_run, request_run = getattr(self, "requestheaders", None), getattr(self, "request", None)
+        if headers_run is not None and request_run is not None:
+            self.requestheaders, self.request = _deciding_early(headers_run, request_run)
 
     def __repr__(self) -> str:
         return f"Pipeline({', '.join(type(s).__name__ for s in self.stages)})"
@@ -73,6 +76,46 @@ class Pipeline:
 
         run.__name__ = hook
         return run
+
+
+def _deciding_early(headers_run: Method, request_run: Method) -> tuple[Method, Method]:
+    """For a flow decided at `requestheaders` (`flowmeta.DECIDED_EARLY`: a large body no rule can read), run
+    every stage's `request` step right after its `requestheaders` step, then stream the body to the upstream
+    (`flow.request.stream`; the audit capture may have put a tap there); the `request` hook that mitmproxy
+    calls once the body has gone through then has nothing left to do."""
+
+    def stream(flow: http.HTTPFlow) -> None:
+        if flow.response is None and not flow.request.stream:
+            flow.request.stream = True
+
+    def request_phase(flow: http.HTTPFlow) -> Awaitable[None] | None:
+        if flow.response is not None or not flow.metadata.get(flowmeta.DECIDED_EARLY):
+            return None
+        pending = request_run(flow)
+        if pending is None:
+            stream(flow)
+            return None
+        return _then(pending, stream, flow)
+
+    def requestheaders(flow: http.HTTPFlow) -> Awaitable[None] | None:
+        pending = headers_run(flow)
+        if pending is None:
+            return request_phase(flow)
+        return _then(pending, request_phase, flow)
+
+    def request(flow: http.HTTPFlow) -> Awaitable[None] | None:
+        if flow.metadata.get(flowmeta.DECIDED_EARLY):
+            return None
+        return request_run(flow)
+
+    return requestheaders, request
+
+
+async def _then(pending: Awaitable[Any], after: Callable[[http.HTTPFlow], Any], flow: http.HTTPFlow) -> None:
+    await pending
+    more = after(flow)
+    if more is not None and inspect.isawaitable(more):
+        await more
 
 
 async def _finish(hook: str, pending: Awaitable[Any], method: Method, rest: list[Method],

@@ -101,6 +101,7 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
     from bastion.proxy.gate import Gate
     from bastion.proxy.guard import InboundGuard, NetworkGuard
     from bastion.proxy.identity import Identity
+    from bastion.proxy.memory import ReleaseBodies
     from bastion.proxy.pipeline import Pipeline
     from bastion.proxy.timeouts import HeaderTimeout
 
@@ -144,6 +145,7 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
     if capture is not None:  # audit: intake before identity (what the agent sent), capture last (how it ended)
         stages.insert(next(i for i, s in enumerate(stages) if isinstance(s, Identity)), capture.intake)
         stages.append(capture)
+    stages.append(ReleaseBodies())  # after the record is taken: the request body is not read again
     # mitmproxy's own addons: only those the proxy needs. Every addon in the chain costs CPU on every event
     # of every request, so Core (interactive commands), Block (replaced by InboundGuard) and DisableH2C
     # (handled by Enforce) are left out.
@@ -205,7 +207,9 @@ async def serve(settings: ServeSettings, *, audit: bool = True) -> int:
     from bastion.coord.approvals import open_approval_store
     from bastion.coord.store import open_store
     from bastion.proxy.auditing import AuditService
+    from bastion.proxy.memory import tune_allocator
 
+    tune_allocator()  # freed bodies go back to the system instead of staying in RSS
     try:
         store = open_store(settings.data.store)  # no I/O yet; closed after the last in-flight call
         approvals = open_approval_store(settings.data.store)

@@ -24,8 +24,13 @@ from bastion.config import (
 )
 
 MAX_REQUEST_BODY = 32 << 20
-"""Largest request body Bastion accepts (bytes); larger ones get 413 `request_too_large`. The body must be
-read whole before the rules can look at it, so this bounds the memory one request can take."""
+"""Largest request body Bastion accepts (bytes); larger ones get 413 `request_too_large`, before the body is
+read when Content-Length announces it, the moment it passes the limit otherwise. A body Bastion buffers (for
+the rules, an approval or a lock) is never larger than this."""
+
+STREAM_REQUEST_ABOVE = 1 << 20
+"""Request bodies announced (Content-Length) larger than this, on calls a plain allow rule lets through, are
+streamed to the upstream as they arrive instead of buffered: no rule can read a body that large."""
 
 MAX_HEADER_BYTES = 64 << 10
 """Largest total size of a request's header block (bytes); larger ones get 431."""
