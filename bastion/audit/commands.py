@@ -87,7 +87,7 @@ def register(sub: Any) -> None:
     export.add_argument("-o", "--output", help="write to FILE instead of standard output")
     export.set_defaults(handler=lambda a: _run(a, _export))
 
-    verify = actions.add_parser("verify", help="check the hash chains end to end; exit 0 intact, 1 broken",
+    verify = actions.add_parser("verify", help="check hash chains and signed checkpoints; exit 0 intact, 1 broken",
                                 description="Check every writer's hash chain, and hold it against the writers' "
                                 "signed checkpoints (from --store and --home): a cut-off or rewritten tail fails.")
     add_home_args(verify)

@@ -107,7 +107,8 @@ class Enforce:
                 return
         # A body without a length (chunked, HTTP/2) is counted while it arrives and refused at the limit.
         flow.metadata[flowmeta.BODY_LIMIT] = self._body_limit
-        if length is not None and n > self._stream_above and flow.request.method != "CONNECT":
+        if (length is not None and n > self._stream_above and flow.request.method != "CONNECT"
+                and "transfer-encoding" not in flow.request.headers):  # both framings: mitmproxy refuses it
             self._decide_before_body(flow)
 
     def _decide_before_body(self, flow: http.HTTPFlow) -> None:

@@ -103,7 +103,7 @@ def _answer_now(stream: Any) -> CommandGenerator:
     """Send the response an addon set while the request body is still to come; drop that body."""
     flow: http.HTTPFlow = stream.flow
     assert flow.response is not None
-    stream.request_body_buf.clear()
+    _drop_buffer(stream)
     flow.response.timestamp_start = time.time()
     stream.client_state = _discarding(stream)  # before send_response: it must not end the stream yet
     yield mhttp.HttpResponseHeadersHook(flow)
@@ -143,7 +143,7 @@ def _counting_body(original: Callable[..., CommandGenerator]) -> Callable[..., C
             bound: BodyLimit | None = self.flow.metadata.get(flowmeta.BODY_LIMIT)
             size = len(self.request_body_buf) + len(event.data)
             if bound is not None and size > bound.limit and self.flow.response is None:
-                self.request_body_buf.clear()
+                _drop_buffer(self)
                 bound.refuse(self.flow, size)
                 if self.flow.response is not None:
                     yield from _answer_now(self)
@@ -151,6 +151,11 @@ def _counting_body(original: Callable[..., CommandGenerator]) -> Callable[..., C
         yield from original(self, event)
 
     return state_consume_request_body
+
+
+def _drop_buffer(stream: Any) -> None:
+    """A new, empty body buffer: `clear()` would keep the old one's allocation for the connection's life."""
+    stream.request_body_buf = type(stream.request_body_buf)()
 
 
 # -- 3. bounded request heads -------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ class HeaderTimeout:
         self.timeout = timeout
         self._clocks: weakref.WeakKeyDictionary[connection.Client, _Clock] = weakref.WeakKeyDictionary()
         self._sweeper: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Task[Any]] = set()
         self.closed = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -111,7 +110,10 @@ class HeaderTimeout:
             late = [c for c, clock in list(self._clocks.items())
                     if clock.since is not None and clock.since < deadline]
             for client in late:
-                self._clocks[client].since = None
+                clock = self._clocks.get(client)
+                if clock is None or clock.since is None or clock.since >= deadline:
+                    continue  # a request head arrived meanwhile
+                clock.since = None
                 self._close(client)
 
     def _close(self, client: connection.Client) -> None:
@@ -121,9 +123,11 @@ class HeaderTimeout:
         log.info("closing connection from %s: no complete request head within %gs",
                  _peer(client), self.timeout)
         self.closed += 1
-        task = asyncio.get_running_loop().create_task(handler.on_timeout())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        # What mitmproxy's own inactivity timeout does (`on_timeout`), done now rather than in a task: a request
+        # head arriving in the meantime must not be forwarded on a connection that is being closed.
+        io = handler.transports.get(client)
+        if io is not None and io.handler is not None:
+            io.handler.cancel("header timeout")
 
 
 def _peer(client: connection.Client) -> str:
