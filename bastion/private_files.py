@@ -101,3 +101,12 @@ def _warn_once(path: Path, message: str, *args: object) -> None:
         if len(_warned) < _WARNED_MAX:
             _warned.add(key)
     log.warning(message, *args)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in `directory` durable (the directory entry itself is data to sync)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from bastion.audit.chain import ChainHead
 from bastion.coord.witness import MAX_DOCUMENT, CheckpointWitness, WitnessEntry, open_witness, valid_writer_id
+from bastion.private_files import fsync_dir
 
 if TYPE_CHECKING:
     from bastion.audit.writer import AuditWriter
@@ -222,7 +223,7 @@ def _create_key(home: Path, path: Path) -> SigningKey:
                 os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(home)
+    fsync_dir(home)
     key = _load_private(path)
     log.info("audit: created the checkpoint signing key %s (key id %s)", path, key.public.key_id)
     return key
@@ -249,15 +250,9 @@ def _atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------

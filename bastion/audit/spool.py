@@ -36,7 +36,7 @@ from typing import BinaryIO, NamedTuple
 
 from bastion.audit.chain import ChainHead
 from bastion.audit.entry import FRAME_HEADER, Entry, FrameError, peek_head, split_frame_header
-from bastion.private_files import tighten
+from bastion.private_files import fsync_dir, tighten
 
 log = logging.getLogger("bastion.audit")
 
@@ -209,7 +209,7 @@ class Spool:
             _write_all(fd, MAGIC)
             os.fsync(fd)
             size = len(MAGIC)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         self._fd, self._active, self._size = fd, n, size
 
     def append(self, frame: bytes) -> tuple[Position, Position]:
@@ -434,12 +434,4 @@ def _atomic_write(path: Path, data: bytes, *, sync: bool = True) -> None:
         os.close(fd)
     os.replace(tmp, path)
     if sync:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(path.parent)
