@@ -7,6 +7,7 @@ pass by skipping); elsewhere it is SKIPPED with a reason saying what to start.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -36,6 +37,15 @@ def require_service(name: str, host: str, port: int, hint: str) -> None:
     if in_ci():
         pytest.fail(f"{message}; CI=true requires it", pytrace=False)
     pytest.skip(message)
+
+
+def require_command(name: str) -> None:
+    """Fail (CI) or skip (elsewhere) the calling test when the program `name` is not installed."""
+    if shutil.which(name) is not None:
+        return
+    if in_ci():
+        pytest.fail(f"{name} is not installed; CI=true requires it (.ci/run installs it)", pytrace=False)
+    pytest.skip(f"{name} is not installed")
 
 
 def require_redis(db: int = 13) -> str:

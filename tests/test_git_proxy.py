@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO
-from services import in_ci
+from services import require_command
 from support.bastion import BastionServer, bastion_cmd, clean_env
 from support.certs import CertFiles
 
@@ -31,10 +31,7 @@ AGENT, TOKEN = "support-bot", "sb-token:with:colons"  # rules/testdata/proxy.yam
 
 @pytest.fixture(scope="module", autouse=True)
 def _need_git() -> None:
-    if shutil.which("git") is None:
-        if in_ci():
-            pytest.fail("git is not installed; CI=true requires it", pytrace=False)
-        pytest.skip("git is not installed")
+    require_command("git")
 
 
 def git(*args: str, cwd: Path, env: dict[str, str]) -> str:

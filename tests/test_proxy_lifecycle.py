@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import REPO, TESTDATA_RULES
-from services import in_ci
+from services import require_command
 from support.bastion import bastion_cmd, clean_env, run_bastion, run_cli
 from support.certs import CertFiles
 from support.ports import port_open
@@ -248,10 +247,7 @@ def test_run_without_token_against_a_pinned_sidecar(tmp_path: Path, bastion_home
 
 
 def test_run_curl_uses_lowercase_proxy_variables(tmp_path: Path, bastion_home: Path, upstream: Upstream) -> None:
-    if shutil.which("curl") is None:
-        if in_ci():
-            pytest.fail("curl is not installed; CI=true requires it (.ci/run installs it)", pytrace=False)
-        pytest.skip("curl is not installed")
+    require_command("curl")
     with run_bastion(tmp_path / "srv", [TESTDATA_RULES / "proxy.yaml"], home=bastion_home) as server:
         result = subprocess.run(
             bastion_cmd("run", "--agent", "support-bot", "--token", "sb-token:with:colons", "--proxy",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from services import in_ci
+from services import require_command
 from support.bastion import clean_env
 from support.ports import free_port
 
@@ -207,10 +206,7 @@ class Tour:
 
 @pytest.fixture
 def tour(tmp_path: Path) -> Iterator[Tour]:
-    if shutil.which("curl") is None:
-        if in_ci():
-            pytest.fail("curl is not installed; CI=true requires it", pytrace=False)
-        pytest.skip("curl is not installed")
+    require_command("curl")
     upstream, proxy, admin = free_port(), free_port(), free_port()
     rules = tmp_path / "tour.yaml"
     text = (REPO / TOUR_RULES).read_text()

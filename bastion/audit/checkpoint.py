@@ -206,14 +206,8 @@ def load_or_create_key(home: Path) -> SigningKey:
 def _create_key(home: Path, path: Path) -> SigningKey:
     pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                      serialization.NoEncryption())
-    tmp = home / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    tmp = _write_new(home / KEY_FILE, pem, 0o600)
     try:
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -238,21 +232,28 @@ def _write_public(home: Path, public: PublicKey) -> None:
     _atomic_write(path, line.encode(), mode=0o644)
 
 
-def _atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+def _write_new(path: Path, data: bytes, mode: int) -> Path:
+    """A synced temporary file beside `path`, created with `mode` (never wider, even briefly)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def _atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    tmp = _write_new(path, data, mode)
+    try:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
-
-
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
