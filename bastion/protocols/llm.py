@@ -1,0 +1,718 @@
+"""LLM API awareness: which calls are model calls, and what their answers say (usage, tool calls, errors).
+
+Agents talk to models through OpenAI-style APIs (chat completions, legacy completions, Responses, embeddings)
+and Anthropic's Messages API, on any host: the vendors, gateways, Azure deployments, self-hosted servers. So
+calls are recognised by shape (POST, path ending, JSON body), never by host name.
+
+Two halves, both pure (no I/O, no mitmproxy):
+
+- `llm_request` reads a request into an `LlmRequest`: the facts the policy matches on (model, tools offered,
+  tool forced) and the request half of the audit's `extra["llm"]`. `may_be_llm` lets callers skip JSON
+  parsing for every other request.
+- `LlmResponseObserver` reads the answer, streamed (SSE, chunk by chunk, on the proxy's event loop) or
+  buffered (a JSON body), into the response half: models, token usage, tool calls with their arguments,
+  finish reasons, time to first token, errors. Streams are the hot path: events that cannot change the facts
+  (plain text deltas once the first token is known) are recognised by substring checks and never parsed.
+
+Everything read from the wire is hostile: strings, lists and counts are capped, wrong types give None, and
+nothing here raises on malformed input.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from bastion.protocols.sse import SseEvent, SseParser
+
+LLM_PATH_ENDS = frozenset({"completions", "responses", "embeddings", "messages"})
+"""Last path segments of every generation or embedding endpoint we understand."""
+
+MAX_TEXT = 200            # models, ids, tool names, finish reasons, error types
+MAX_TOOLS = 64            # tool names kept from a request
+MAX_TOOL_CALLS = 64       # tool calls kept from an answer
+MAX_ARGUMENTS = 4096      # characters of arguments kept per tool call
+MAX_FINISH_REASONS = 16
+MAX_ERROR_MESSAGE = 500
+MAX_ITEMS = 256           # list entries looked at in one document (choices, output items, tools...)
+BIG_BODY = 1 << 20        # JSON answers larger than this are not parsed whole
+BODY_EDGE = 64 << 10      # how much of a big body's head and tail is searched for usage and model
+
+_MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError)
+
+# A chat/completions chunk needs parsing only if one of these keys carries a value (not null / []).
+# Possessive quantifiers (Python 3.11+) keep every search linear: nothing is retried after a mismatch.
+_CHAT_FACTS = re.compile(r'"(?:usage|finish_reason|tool_calls|function_call|error)"\s*+:\s*+(?!null|\[\s*\])')
+_BIG_USAGE = re.compile(rb'"usage"\s*+:\s*+(\{(?:[^{}]++|\{[^{}]*+\})*+\})')   # one level of nested details
+_BIG_MODEL = re.compile(rb'"model"\s*+:\s*+("(?:[^"\\]|\\.){0,800}+")')
+
+_RESPONSES_PARSED = frozenset({
+    "response.created", "response.in_progress", "response.queued",
+    "response.output_item.added", "response.output_item.done", "response.function_call_arguments.delta",
+    "response.completed", "response.incomplete", "response.failed", "error",
+})
+_RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_RESPONSES_TOKENS = frozenset({
+    "response.output_text.delta", "response.refusal.delta", "response.reasoning_text.delta",
+    "response.reasoning_summary_text.delta", "response.function_call_arguments.delta",
+    "response.custom_tool_call_input.delta",
+})
+_RESPONSES_CALL_ITEMS = {"function_call": "arguments", "custom_tool_call": "input", "mcp_call": "arguments"}
+_CHAT_TOKEN_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small typed readers: every value from the wire goes through one of these.
+
+def _dict(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+def _list(value: Any) -> Iterable[Any]:
+    return islice(value, MAX_ITEMS) if isinstance(value, list) else ()
+
+
+def _text(value: Any, cap: int = MAX_TEXT) -> str | None:
+    """A non-empty string, capped; anything else is None."""
+    return value[:cap] if isinstance(value, str) and value else None
+
+
+def _count(value: Any) -> int | None:
+    """A token count: a non-negative integer (not a bool); anything else is None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and 0 <= value < 1 << 62 else None
+
+
+def _index(value: Any, fallback: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else fallback
+
+
+def _has_text(doc: dict[str, Any], fields: tuple[str, ...]) -> bool:
+    """Whether one of these fields holds a non-empty string (a token arrived)."""
+    return any(isinstance(value := doc.get(field), str) and value for field in fields)
+
+
+def _loads(text: str | bytes) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Request side
+
+@dataclass(frozen=True, slots=True)
+class LlmRequest:
+    """What a model call asks for. `model` is the body's model, or the Azure deployment when the body has none."""
+
+    provider: str                  # "openai" | "anthropic" (API style, not vendor)
+    api: str                       # "chat.completions" | "completions" | "responses" | "embeddings" | "messages"
+    operation: str                 # OpenTelemetry gen_ai.operation.name: "chat" | "text_completion" | "embeddings"
+    model: str | None
+    stream: bool
+    tools: tuple[str, ...] = ()
+    tool_choice: str | None = None  # the tool the request forces, if it forces one
+
+    def to_json(self) -> dict[str, Any]:
+        """The request half of the audit's `extra["llm"]`."""
+        return {
+            "provider": self.provider, "api": self.api, "operation": self.operation,
+            "request_model": self.model, "stream": self.stream, "tools": list(self.tools),
+        }
+
+
+def _trimmed(segments: tuple[str, ...]) -> tuple[str, ...]:
+    end = len(segments)
+    while end and not segments[end - 1]:
+        end -= 1
+    return segments[:end]
+
+
+def may_be_llm(method: str, segments: tuple[str, ...]) -> bool:
+    """Cheap pre-check: could this request be a model call? False means no need to parse its body."""
+    if method.upper() != "POST":
+        return False
+    path = _trimmed(segments)
+    return bool(path) and path[-1] in LLM_PATH_ENDS
+
+
+def _api_of(path: tuple[str, ...], doc: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(provider, api, operation) from the path ending and body shape, or None."""
+    last = path[-1]
+    if last == "completions":
+        if len(path) >= 2 and path[-2] == "chat":
+            return "openai", "chat.completions", "chat"
+        return ("openai", "completions", "text_completion") if "prompt" in doc else None
+    if last == "responses":
+        return "openai", "responses", "chat"
+    if last == "embeddings":
+        return "openai", "embeddings", "embeddings"
+    if last == "messages" and isinstance(doc.get("messages"), list):
+        return "anthropic", "messages", "chat"
+    return None
+
+
+def _azure_deployment(path: tuple[str, ...]) -> str | None:
+    for position, segment in enumerate(path[:-1]):
+        if segment == "deployments":
+            return _text(path[position + 1])
+    return None
+
+
+def _tool_name(tool: Any) -> str | None:
+    """A tool's name: `name` (Responses, Anthropic), `function.name` / `custom.name` (chat), or a built-in's type."""
+    tool = _dict(tool)
+    if tool is None:
+        return None
+    name = _text(tool.get("name"))
+    if name is not None:
+        return name
+    for key in ("function", "custom"):
+        inner = _dict(tool.get(key))
+        if inner is not None and (name := _text(inner.get("name"))) is not None:
+            return name
+    kind = tool.get("type")
+    return _text(kind) if kind not in ("function", "custom") else None
+
+
+def _tool_names(doc: dict[str, Any]) -> tuple[str, ...]:
+    names: list[str] = []
+    for key in ("tools", "functions"):   # `functions`: chat's deprecated form
+        for tool in _list(doc.get(key)):
+            if len(names) >= MAX_TOOLS:
+                return tuple(names)
+            if (name := _tool_name(tool)) is not None:
+                names.append(name)
+    return tuple(names)
+
+
+def _forced_tool(doc: dict[str, Any]) -> str | None:
+    choice = _dict(doc.get("tool_choice"))
+    if choice is not None:
+        kind = choice.get("type")
+        if kind in ("function", "custom"):
+            inner = _dict(choice.get(kind)) or choice
+            return _text(inner.get("name"))
+        return _text(choice.get("name")) if kind == "tool" else None
+    legacy = _dict(doc.get("function_call"))
+    return _text(legacy.get("name")) if legacy is not None else None
+
+
+def llm_request(method: str, segments: tuple[str, ...], headers: Mapping[str, str], doc: Any) -> LlmRequest | None:
+    """The model call this request makes, or None if it is not one. `headers` is accepted for callers'
+    symmetry and future shapes; detection today needs only the method, path and body."""
+    del headers
+    if not may_be_llm(method, segments) or not isinstance(doc, dict):
+        return None
+    path = _trimmed(segments)
+    kind = _api_of(path, doc)
+    if kind is None:
+        return None
+    provider, api, operation = kind
+    return LlmRequest(
+        provider=provider, api=api, operation=operation,
+        model=_text(doc.get("model")) or _azure_deployment(path),
+        stream=doc.get("stream") is True,
+        tools=_tool_names(doc),
+        tool_choice=_forced_tool(doc),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Response side
+
+class _ToolCall:
+    """One tool call the model made; arguments are kept up to MAX_ARGUMENTS characters, their length counted."""
+
+    __slots__ = ("_kept", "_parts", "id", "length", "name")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.name = ""
+        self._parts: list[str] = []
+        self._kept = 0
+        self.length = 0
+
+    def name_it(self, call_id: Any, name: Any) -> None:
+        if self.id is None:
+            self.id = _text(call_id)
+        if not self.name:
+            self.name = _text(name) or ""
+
+    def add(self, fragment: Any) -> None:
+        if not isinstance(fragment, str) or not fragment:
+            return
+        self.length += len(fragment)
+        room = MAX_ARGUMENTS - self._kept
+        if room > 0:
+            kept = fragment[:room]
+            self._parts.append(kept)
+            self._kept += len(kept)
+
+    def replace(self, arguments: Any) -> None:
+        """The whole arguments at once (a final event or a buffered answer), replacing the fragments."""
+        if isinstance(arguments, str):
+            self._parts, self._kept, self.length = [], 0, 0
+            self.add(arguments)
+
+    def to_json(self) -> dict[str, Any]:
+        call: dict[str, Any] = {"id": self.id, "name": self.name, "arguments": "".join(self._parts)}
+        if self.length > MAX_ARGUMENTS:
+            call["cut"] = True
+        return call
+
+
+class LlmResponseObserver:
+    """Reads one model answer into the facts of `extra["llm"]`.
+
+    Streams: `feed(chunk)` for every chunk of a text/event-stream body, `feed(b"")` at its end. Buffered
+    answers: `feed_body(body)` once, with the body already decoded from its Content-Encoding. Then `result()`.
+    Never raises on malformed input; events it could not read are counted in `malformed_events`.
+    """
+
+    def __init__(self, request: LlmRequest, *, streamed: bool, clock: Callable[[], float] = time.time) -> None:
+        self.request = request
+        self.streamed = streamed
+        self.first_token_at: float | None = None
+        self.response_model: str | None = None
+        self.response_id: str | None = None
+        self.malformed_events = 0
+        self._clock = clock
+        self._parser = SseParser()
+        self._ended = False
+        self._complete = False
+        self._finish_reasons: list[str] = []
+        self._tool_calls: dict[Any, _ToolCall] = {}
+        self._usage: dict[str, int] = {}
+        self._usage_reported = False
+        self._error: dict[str, str] | None = None
+        self._on_event: Callable[[SseEvent], None] = {
+            "chat.completions": self._chat_event, "completions": self._chat_event,
+            "responses": self._responses_event, "messages": self._anthropic_event,
+        }.get(request.api, self._other_event)
+
+    # -- feeding -------------------------------------------------------------------------------------------------
+
+    def feed(self, chunk: bytes) -> None:
+        """One chunk of a streamed answer; `b""` is the end of the body."""
+        if self._ended:
+            return
+        if chunk:
+            events = self._parser.feed(chunk)
+        else:
+            self._ended = True
+            events = self._parser.close()
+        for event in events:
+            try:
+                self._on_event(event)
+            except _MALFORMED:
+                self.malformed_events += 1
+
+    def feed_body(self, body: bytes) -> None:
+        """A whole buffered JSON answer. Bodies over BIG_BODY are searched at both ends, not parsed whole."""
+        try:
+            if len(body) > BIG_BODY:
+                self._take_big_body(body)
+                return
+            doc = _loads(body)
+            if not isinstance(doc, dict):
+                if body.strip():
+                    self.malformed_events += 1
+                return
+            self._complete = True
+            self._take_error(doc)
+            self._take_body(doc)
+        except _MALFORMED:
+            self.malformed_events += 1
+
+    def _take_body(self, doc: dict[str, Any]) -> None:
+        api = self.request.api
+        if api in ("chat.completions", "completions"):
+            self._take_chat_doc(doc, streamed=False)
+        elif api == "responses":
+            self._take_response(doc, with_calls=True)
+        elif api == "messages":
+            self._take_anthropic_message(doc)
+        else:
+            self._take_identity(doc)
+            self._take_openai_usage(doc.get("usage"))
+
+    def _take_big_body(self, body: bytes) -> None:
+        head, tail = body[:BODY_EDGE], body[-BODY_EDGE:]
+        usage = _last_match(_BIG_USAGE, tail) or _first_match(_BIG_USAGE, head)
+        if usage is not None:
+            self._take_usage(_loads(usage))
+        model = _last_match(_BIG_MODEL, tail) or _first_match(_BIG_MODEL, head)
+        if model is not None and self.response_model is None:
+            self.response_model = _text(_loads(model))
+        self._complete = body.lstrip()[:1] == b"{" and body.rstrip()[-1:] == b"}"
+
+    # -- facts shared by all formats ---------------------------------------------------------------------------
+
+    def _first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = self._clock()
+
+    def _take_identity(self, doc: dict[str, Any]) -> None:
+        if self.response_model is None:
+            self.response_model = _text(doc.get("model"))
+        if self.response_id is None:
+            self.response_id = _text(doc.get("id"))
+
+    def _finish(self, reason: Any) -> None:
+        reason = _text(reason)
+        if reason is not None and len(self._finish_reasons) < MAX_FINISH_REASONS:
+            self._finish_reasons.append(reason)
+
+    def _call(self, key: Any) -> _ToolCall | None:
+        """The tool call under this key, created if there is room."""
+        call = self._tool_calls.get(key)
+        if call is None and len(self._tool_calls) < MAX_TOOL_CALLS:
+            call = self._tool_calls[key] = _ToolCall()
+        return call
+
+    def _take_error(self, doc: dict[str, Any]) -> None:
+        """OpenAI `{"error": {...}}`, Anthropic `{"type": "error", "error": {...}}`, Responses' error event
+        `{"type": "error", "code", "message"}`, or a gateway's `{"error": "text"}`."""
+        error = doc.get("error")
+        if isinstance(error, str):
+            error = {"message": error}
+        elif not isinstance(error, dict):
+            if doc.get("type") != "error":
+                return
+            error = doc
+        kind = error.get("type")
+        if not isinstance(kind, str) or kind == "error":
+            kind = error.get("code", kind)
+        message = error.get("message")
+        self._error = {
+            "type": _text(str(kind) if isinstance(kind, (str, int)) and not isinstance(kind, bool) else "") or "error",
+            "message": message[:MAX_ERROR_MESSAGE] if isinstance(message, str) else "",
+        }
+
+    def _take_usage(self, usage: Any) -> None:
+        if self.request.provider == "anthropic":
+            self._take_anthropic_usage(usage)
+        else:
+            self._take_openai_usage(usage)
+
+    def _set_counts(self, pairs: Iterable[tuple[str, Any]]) -> None:
+        for kind, value in pairs:
+            if (count := _count(value)) is not None:
+                self._usage[kind] = count
+                self._usage_reported = True
+
+    def _take_openai_usage(self, usage: Any) -> None:
+        """Chat/completions/embeddings (`prompt_tokens`...) and Responses (`input_tokens`...) usage."""
+        usage = _dict(usage)
+        if usage is None:
+            return
+        inputs = _dict(usage.get("prompt_tokens_details")) or _dict(usage.get("input_tokens_details")) or {}
+        outputs = _dict(usage.get("completion_tokens_details")) or _dict(usage.get("output_tokens_details")) or {}
+        self._set_counts((
+            ("input", usage.get("prompt_tokens", usage.get("input_tokens"))),
+            ("output", usage.get("completion_tokens", usage.get("output_tokens"))),
+            ("cache_read", inputs.get("cached_tokens")),
+            ("reasoning", outputs.get("reasoning_tokens")),
+        ))
+
+    def _take_anthropic_usage(self, usage: Any) -> None:
+        """Anthropic usage; `input` here excludes cache reads and writes (added back in `result`)."""
+        usage = _dict(usage)
+        if usage is None:
+            return
+        details = _dict(usage.get("output_tokens_details")) or {}
+        self._set_counts((
+            ("input", usage.get("input_tokens")),
+            ("output", usage.get("output_tokens")),
+            ("cache_read", usage.get("cache_read_input_tokens")),
+            ("cache_creation", usage.get("cache_creation_input_tokens")),
+            ("reasoning", details.get("thinking_tokens")),
+        ))
+
+    # -- OpenAI chat completions and legacy completions ----------------------------------------------------------
+
+    def _chat_event(self, event: SseEvent) -> None:
+        data = event.data
+        if len(data) < 16 and data.strip() == "[DONE]":
+            self._complete = True
+            return
+        if self.first_token_at is not None and event.event != "error" and not _CHAT_FACTS.search(data):
+            return   # a content delta: every chunk repeats the model and id, both read from the first ones
+        doc = _dict(_loads(data))
+        if doc is None:
+            self.malformed_events += 1
+            return
+        self._take_error(doc)
+        self._take_chat_doc(doc, streamed=True)
+
+    def _take_chat_doc(self, doc: dict[str, Any], *, streamed: bool) -> None:
+        self._take_identity(doc)
+        self._take_openai_usage(doc.get("usage"))
+        for position, choice in enumerate(_list(doc.get("choices"))):
+            choice = _dict(choice)
+            if choice is None:
+                continue
+            choice_index = _index(choice.get("index"), position)
+            if streamed:
+                self._take_chat_delta(choice_index, choice)
+            else:
+                self._take_chat_message(choice_index, _dict(choice.get("message")) or {})
+            self._finish(choice.get("finish_reason"))
+
+    def _take_chat_delta(self, choice_index: int, choice: dict[str, Any]) -> None:
+        delta = _dict(choice.get("delta")) or {}
+        calls = delta.get("tool_calls")
+        legacy = _dict(delta.get("function_call"))
+        if (isinstance(calls, list) and calls) or legacy is not None or _has_text(choice, ("text",)) \
+                or _has_text(delta, _CHAT_TOKEN_FIELDS):
+            self._first_token()
+        for position, fragment in enumerate(_list(calls)):
+            fragment = _dict(fragment)
+            if fragment is None:
+                continue
+            call = self._call((choice_index, _index(fragment.get("index"), position)))
+            if call is not None:
+                function = _dict(fragment.get("function")) or {}
+                call.name_it(fragment.get("id"), function.get("name"))
+                call.add(function.get("arguments"))
+        if legacy is not None and (call := self._call((choice_index, "function_call"))) is not None:
+            call.name_it(None, legacy.get("name"))
+            call.add(legacy.get("arguments"))
+
+    def _take_chat_message(self, choice_index: int, message: dict[str, Any]) -> None:
+        for position, tool_call in enumerate(_list(message.get("tool_calls"))):
+            tool_call = _dict(tool_call)
+            if tool_call is None or (call := self._call((choice_index, position))) is None:
+                continue
+            function = _dict(tool_call.get("function")) or _dict(tool_call.get("custom")) or {}
+            call.name_it(tool_call.get("id"), function.get("name"))
+            call.replace(function.get("arguments", function.get("input")))
+        legacy = _dict(message.get("function_call"))
+        if legacy is not None and (call := self._call((choice_index, "function_call"))) is not None:
+            call.name_it(None, legacy.get("name"))
+            call.replace(legacy.get("arguments"))
+
+    # -- OpenAI Responses ----------------------------------------------------------------------------------------
+
+    def _responses_event(self, event: SseEvent) -> None:
+        name = event.event
+        if name != "message" and name not in _RESPONSES_PARSED:
+            if name in _RESPONSES_TOKENS:
+                self._first_token()
+            return   # text deltas, content parts, annotations...: nothing we record
+        doc = _dict(_loads(event.data))
+        if doc is None:
+            self.malformed_events += 1
+            return
+        kind = doc.get("type") if isinstance(doc.get("type"), str) else name
+        if kind in _RESPONSES_TOKENS:
+            self._first_token()
+        if kind == "error":
+            self._take_error(doc)
+        elif kind == "response.output_item.added" or kind == "response.output_item.done":
+            self._take_response_item(doc, done=kind.endswith("done"))
+        elif kind == "response.function_call_arguments.delta":
+            call = self._tool_calls.get(_item_key(doc))
+            if call is not None:
+                call.add(doc.get("delta"))
+        elif (response := _dict(doc.get("response"))) is not None:
+            terminal = kind in _RESPONSES_TERMINAL
+            self._take_response(response, with_calls=terminal and not self._tool_calls)
+            self._complete = self._complete or terminal
+
+    def _take_response_item(self, doc: dict[str, Any], *, done: bool) -> None:
+        item = _dict(doc.get("item")) or {}
+        field = _RESPONSES_CALL_ITEMS.get(item.get("type"))
+        if field is None:
+            return
+        call = self._call(_item_key(doc, item))
+        if call is None:
+            return
+        self._first_token()
+        call.name_it(item.get("call_id") or item.get("id"), item.get("name"))
+        if done:
+            call.replace(item.get(field))
+
+    def _take_response(self, response: dict[str, Any], *, with_calls: bool) -> None:
+        """A Responses object: a buffered answer, or the one carried by lifecycle events."""
+        self._take_identity(response)
+        self._take_openai_usage(response.get("usage"))
+        if _dict(response.get("error")) is not None:
+            self._take_error(response)
+        status = response.get("status")
+        if status in ("completed", "incomplete", "failed", "cancelled"):
+            details = _dict(response.get("incomplete_details")) or {}
+            self._finish(details.get("reason") or status)
+        if not with_calls:
+            return
+        for position, item in enumerate(_list(response.get("output"))):
+            item = _dict(item)
+            field = _RESPONSES_CALL_ITEMS.get(item.get("type")) if item is not None else None
+            if field is not None and item is not None and (call := self._call(position)) is not None:
+                call.name_it(item.get("call_id") or item.get("id"), item.get("name"))
+                call.replace(item.get(field))
+
+    # -- Anthropic Messages --------------------------------------------------------------------------------------
+
+    def _anthropic_event(self, event: SseEvent) -> None:
+        name = event.event
+        if name == "ping" or (name == "content_block_delta" and self.first_token_at is not None
+                              and "input_json_delta" not in event.data):
+            return   # keep-alives, and text/thinking deltas once the first token is known
+        doc = _dict(_loads(event.data))
+        if doc is None:
+            self.malformed_events += 1
+            return
+        kind = doc.get("type") if isinstance(doc.get("type"), str) else name
+        if kind == "message_start":
+            message = _dict(doc.get("message")) or {}
+            self._take_identity(message)
+            self._take_anthropic_usage(message.get("usage"))
+        elif kind == "content_block_start":
+            self._take_block_start(doc)
+        elif kind == "content_block_delta":
+            self._take_block_delta(doc)
+        elif kind == "message_delta":
+            self._finish((_dict(doc.get("delta")) or {}).get("stop_reason"))
+            self._take_anthropic_usage(doc.get("usage"))
+        elif kind == "message_stop":
+            self._complete = True
+        elif kind == "error":
+            self._take_error(doc)
+
+    def _take_block_start(self, doc: dict[str, Any]) -> None:
+        block = _dict(doc.get("content_block")) or {}
+        kind = block.get("type")
+        if isinstance(kind, str) and kind.endswith("tool_use"):
+            self._first_token()
+            call = self._call(_index(doc.get("index"), -1))
+            if call is not None:
+                call.name_it(block.get("id"), block.get("name"))
+        elif _has_text(block, ("text",)):
+            self._first_token()
+
+    def _take_block_delta(self, doc: dict[str, Any]) -> None:
+        delta = _dict(doc.get("delta")) or {}
+        kind = delta.get("type")
+        if kind == "input_json_delta":
+            call = self._tool_calls.get(_index(doc.get("index"), -1))
+            if call is not None:
+                call.add(delta.get("partial_json"))
+        elif kind in ("text_delta", "thinking_delta") and _has_text(delta, ("text", "thinking")):
+            self._first_token()
+
+    def _take_anthropic_message(self, doc: dict[str, Any]) -> None:
+        self._take_identity(doc)
+        self._take_anthropic_usage(doc.get("usage"))
+        self._finish(doc.get("stop_reason"))
+        for position, block in enumerate(_list(doc.get("content"))):
+            block = _dict(block)
+            kind = block.get("type") if block is not None else None
+            if block is None or not isinstance(kind, str) or not kind.endswith("tool_use"):
+                continue
+            if (call := self._call(position)) is not None:
+                call.name_it(block.get("id"), block.get("name"))
+                call.replace(_compact_json(block.get("input", {})))
+
+    # -- anything else streamed (embeddings are not): only errors ------------------------------------------------
+
+    def _other_event(self, event: SseEvent) -> None:
+        if event.event == "error" and (doc := _dict(_loads(event.data))) is not None:
+            self._take_error(doc)
+
+    # -- the facts -----------------------------------------------------------------------------------------------
+
+    def _usage_json(self) -> dict[str, int]:
+        usage = self._usage
+        result: dict[str, int] = {}
+        if "input" in usage:
+            result["input_tokens"] = usage["input"]
+            if self.request.provider == "anthropic":   # OpenTelemetry: input includes cache reads and writes
+                result["input_tokens"] += usage.get("cache_read", 0) + usage.get("cache_creation", 0)
+        for kind, key in (("output", "output_tokens"), ("cache_read", "cache_read_tokens"),
+                          ("cache_creation", "cache_creation_tokens"), ("reasoning", "reasoning_tokens")):
+            if kind in usage:
+                result[key] = usage[kind]
+        return result
+
+    def result(self, *, complete: bool | None = None, sent_at: float | None = None) -> dict[str, Any]:
+        """The whole `extra["llm"]`: the request's facts merged with the answer's. `complete` overrides whether
+        the answer reached its end; `sent_at` (same clock) gives time_to_first_token_s."""
+        request = self.request
+        first_token = None
+        if self.first_token_at is not None and sent_at is not None:
+            first_token = round(self.first_token_at - sent_at, 6)
+        return {
+            "provider": request.provider, "api": request.api, "operation": request.operation,
+            "request_model": request.model,
+            "response_model": self.response_model,
+            "model": self.response_model or request.model,
+            "stream": request.stream or self.streamed,
+            "tools": list(request.tools),
+            "tool_calls": [call.to_json() for call in self._tool_calls.values()],
+            "finish_reasons": list(self._finish_reasons),
+            "response_id": self.response_id,
+            "usage": self._usage_json(),
+            "usage_reported": self._usage_reported,
+            "time_to_first_token_s": first_token,
+            "complete": self._complete if complete is None else complete,
+            "error": dict(self._error) if self._error is not None else None,
+        }
+
+
+def _item_key(doc: dict[str, Any], item: dict[str, Any] | None = None) -> Any:
+    """Responses output items are keyed by their output index (their item id when it is missing)."""
+    index = doc.get("output_index")
+    if isinstance(index, int) and not isinstance(index, bool):
+        return index
+    item_id = doc.get("item_id") if item is None else item.get("id")
+    return item_id if isinstance(item_id, str) else None
+
+
+def _compact_json(value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return ""
+
+
+def _first_match(pattern: re.Pattern[bytes], data: bytes) -> bytes | None:
+    match = pattern.search(data)
+    return match.group(1) if match else None
+
+
+def _last_match(pattern: re.Pattern[bytes], data: bytes) -> bytes | None:
+    last = None
+    for match in pattern.finditer(data):
+        last = match
+    return last.group(1) if last else None
+
+
+_USAGE_KINDS = (
+    ("input", "input_tokens"), ("output", "output_tokens"), ("cached", "cache_read_tokens"),
+    ("cache_creation", "cache_creation_tokens"), ("reasoning", "reasoning_tokens"),
+)
+
+
+def usage_tokens(facts: Mapping[str, Any]) -> dict[str, int]:
+    """Token counts to publish as metrics, by kind (`input`, `output`, `cached`, `cache_creation`, `reasoning`):
+    only the kinds reported and above zero."""
+    usage = facts.get("usage") if isinstance(facts, Mapping) else None
+    if not isinstance(usage, dict):
+        return {}
+    counts: dict[str, int] = {}
+    for kind, key in _USAGE_KINDS:
+        value = _count(usage.get(key))
+        if value:
+            counts[kind] = value
+    return counts
