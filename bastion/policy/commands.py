@@ -112,9 +112,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
             body = Path(args.body[1:]).read_bytes() if args.body.startswith("@") else args.body.encode()
             headers.setdefault("content-type", "application/json")
         from bastion.policy.facts import RequestFacts
+        from bastion.policy.testing import check_jsonrpc
 
-        facts = RequestFacts.from_url(args.method, args.url, headers=headers, body=body,
-                                      normalize=policy.normalize)
+        facts = check_jsonrpc(RequestFacts.from_url(args.method, args.url, headers=headers, body=body,
+                                                    normalize=policy.normalize))
     except (ValueError, OSError) as e:
         print(f"explain: {e}", file=sys.stderr)
         return EXIT_FAIL

@@ -34,6 +34,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import idna
 
+from bastion.protocols.llm import LlmRequest, llm_request, may_be_llm
+from bastion.protocols.mcp import McpProblem, McpRequest, may_be_jsonrpc, parse_jsonrpc
+
 DEFAULT_BODY_LIMIT = 1 << 20  # JSON bodies larger than this are not parsed: json conditions fail closed.
 
 PATH_CASES = ("cautious", "sensitive", "insensitive")
@@ -253,6 +256,8 @@ class RequestFacts:
     _json: Any = field(default=_MISSING, repr=False)
     _json_error: str | None = field(default=None, repr=False)
     _folded: tuple[str, ...] | None = field(default=None, repr=False)
+    _llm: Any = field(default=_MISSING, repr=False)
+    _mcp: Any = field(default=_MISSING, repr=False)
 
     @property
     def path(self) -> str:
@@ -361,5 +366,49 @@ class RequestFacts:
             raise EvalError(self._json_error)
         return self._json
 
+    def llm(self) -> LlmRequest | None:
+        """The LLM API call this request makes (OpenAI- or Anthropic-style, by path and body shape), or None.
+        Raises EvalError when the path says it may be one but the body cannot be read (none, too large, not
+        JSON): `llm` conditions then fail closed."""
+        got = self._llm
+        if got is _MISSING:
+            got = None
+            if may_be_llm(self.method, self.segments):
+                got = llm_request(self.method, self.segments, self.headers, self.json())
+            self._llm = got
+        return got
+
+    def mcp(self) -> McpRequest | None:
+        """The JSON-RPC (MCP) message this request carries, or None when it carries none.
+
+        Raises McpProblem (the proxy answers 400) for what must never pass: a batch holding a call, duplicate
+        keys, `Mcp-Method`/`Mcp-Name` headers that disagree with the body. Raises EvalError when the body is not
+        available to check (too large, or not read yet): `mcp` conditions then fail closed."""
+        got = self._mcp
+        if isinstance(got, Exception):
+            raise got
+        if got is _MISSING:
+            try:
+                got = self._parse_mcp()
+            except (McpProblem, EvalError) as e:
+                self._mcp = e
+                raise
+            self._mcp = got
+        return got
+
+    def _parse_mcp(self) -> McpRequest | None:
+        body = self.body
+        if not body:
+            if self.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in self.headers:
+                raise EvalError("the request body is not available to check")
+            return parse_jsonrpc(b"", self.headers)
+        if not may_be_jsonrpc(body):
+            return parse_jsonrpc(b"", self.headers) if _MCP_HEADERS & self.headers.keys() else None
+        if len(body) > self.body_limit:
+            raise EvalError(f"body of {len(body)} bytes exceeds the {self.body_limit}-byte JSON limit")
+        return parse_jsonrpc(body, self.headers)
+
+
+_MCP_HEADERS = frozenset({"mcp-method", "mcp-name"})
 
 MISSING = _MISSING

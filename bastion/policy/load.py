@@ -44,6 +44,7 @@ from bastion.policy.matchers import (
     compile_template,
 )
 from bastion.policy.schema import NAME, ApprovalModel, MatchModel, PolicyFile, RuleModel
+from bastion.policy.traffic_matchers import compile_llm, compile_mcp
 from bastion.policy.yamlsource import YamlDocument, parse_yaml
 
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -514,6 +515,13 @@ def _compile_match(
             continue
         try:
             matchers.append(compile_fields(kind, spec))
+        except CompileError as e:
+            raise CompileError(e.message, sub(kind, None, e.subpath)) from None
+    for kind, model, compile_call in (("llm", m.llm, compile_llm), ("mcp", m.mcp, compile_mcp)):
+        if model is None:
+            continue
+        try:
+            matchers.append(compile_call({key: getattr(model, key) for key in model.model_fields_set}))
         except CompileError as e:
             raise CompileError(e.message, sub(kind, None, e.subpath)) from None
     matchers.sort(key=lambda x: x.cost)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -449,6 +449,20 @@ class PathMatcher(Matcher):
         return f"{shown} (any case)" if self.fold else shown
 
 
+def any_satisfies(values: Iterable[Any], cond: ValueCondition) -> bool:
+    """Any of the values satisfies the condition (`*` paths, several tools); an error counts only if none does."""
+    error: EvalError | None = None
+    for v in values:
+        try:
+            if cond.test(v):
+                return True
+        except EvalError as e:
+            error = e
+    if error is not None:
+        raise error
+    return False
+
+
 class FieldsMatcher(Matcher):
     """query / headers / json: every named field must satisfy its condition."""
 
@@ -468,17 +482,7 @@ class FieldsMatcher(Matcher):
         return all(self._any(facts, key, cond) for _name, key, cond in self.fields)
 
     def _any(self, facts: RequestFacts, key: Any, cond: ValueCondition) -> bool:
-        """Any reached value satisfies the condition (`*` paths); an error counts only if none does."""
-        error: EvalError | None = None
-        for v in self._values(facts, key):
-            try:
-                if cond.test(v):
-                    return True
-            except EvalError as e:
-                error = e
-        if error is not None:
-            raise error
-        return False
+        return any_satisfies(self._values(facts, key), cond)
 
     def explain(self, facts: RequestFacts, caps: Captures) -> tuple[bool | None, str]:
         for name, key, cond in self.fields:

@@ -93,6 +93,27 @@ class UserModel(Strict):
         return _sha256(v)
 
 
+class LlmMatchModel(Strict):
+    """`match: {llm: {...}}`: an OpenAI- or Anthropic-style model call, recognised by its shape on any host.
+    Each key takes a value, a list (any of) or an operator map; `llm: {}` matches every LLM call."""
+
+    provider: Any = Field(default=None, description="openai or anthropic (the API style)")
+    api: Any = Field(default=None, description="chat.completions, completions, responses, embeddings or messages")
+    model: Any = Field(default=None, description="the model the request asks for")
+    tool: Any = Field(default=None, description="a tool the request offers or forces")
+    stream: bool | None = Field(default=None, description="whether the answer is streamed")
+
+
+class McpMatchModel(Strict):
+    """`match: {mcp: {...}}`: a JSON-RPC message of MCP's streamable HTTP transport. `mcp: {}` matches every
+    JSON-RPC call; requests that are not JSON-RPC (the transport's GET and DELETE) do not match."""
+
+    method: Any = Field(default=None, description="the JSON-RPC method, e.g. tools/call")
+    tool: Any = Field(default=None, description="the tool (tools/call) or prompt (prompts/get) name")
+    resource: Any = Field(default=None, description="the resource uri of resources/read")
+    args: dict[str, Any] | None = Field(default=None, description="dotted argument path -> condition")
+
+
 class MatchModel(Strict):
     """Every key is optional; all given keys must match (AND). Lists inside a key mean any of (OR)."""
 
@@ -104,6 +125,8 @@ class MatchModel(Strict):
     query: dict[str, Any] | None = None
     headers: dict[str, Any] | None = None
     json_: dict[str, Any] | None = Field(default=None, alias="json")
+    llm: LlmMatchModel | None = None
+    mcp: McpMatchModel | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

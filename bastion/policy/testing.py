@@ -28,9 +28,10 @@ from typing import Any, Literal
 import pydantic
 
 from bastion.policy.engine import Policy
-from bastion.policy.facts import DEFAULT_NORMALIZE, FactsError, NormalizeSettings, RequestFacts
+from bastion.policy.facts import DEFAULT_NORMALIZE, EvalError, FactsError, NormalizeSettings, RequestFacts
 from bastion.policy.schema import Strict
 from bastion.policy.yamlsource import parse_yaml
+from bastion.protocols.mcp import McpProblem
 
 
 class Expect(Strict):
@@ -107,7 +108,19 @@ def request_facts(method: str, url: str, body: Any, headers: dict[str, str],
     else:
         raw = json.dumps(body).encode()
         hdrs.setdefault("content-type", "application/json")
-    return RequestFacts.from_url(method, url, headers=hdrs, body=raw, normalize=normalize)
+    return check_jsonrpc(RequestFacts.from_url(method, url, headers=hdrs, body=raw, normalize=normalize))
+
+
+def check_jsonrpc(facts: RequestFacts) -> RequestFacts:
+    """`facts`, or FactsError when the proxy would refuse the request (400) before any rule: a JSON-RPC batch
+    holding a call, duplicate keys, `Mcp-Method`/`Mcp-Name` headers that disagree with the body."""
+    try:
+        facts.mcp()
+    except McpProblem as e:
+        raise FactsError(str(e)) from None
+    except EvalError:
+        pass
+    return facts
 
 
 def run_suites(policy: Policy, files: list[Path]) -> SuiteReport:
