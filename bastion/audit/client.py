@@ -46,6 +46,7 @@ from bastion.audit.drops import Drops
 from bastion.audit.ipc import Hello, Ready, Status
 from bastion.audit.settings import AuditConfig
 from bastion.audit.snapshot import ExchangeSnapshot
+from bastion.audit.tracing import TracingSettings
 
 log = logging.getLogger("bastion.audit")
 
@@ -100,9 +101,11 @@ class AuditClient:
     """Create with `AuditClient.spawn(...)` (starts the process), then `await start(config)`."""
 
     def __init__(self, audit_url: str, home: Path, display_url: str, *,
-                 max_pending_bytes: int = MAX_PENDING_BYTES, store_url: str | None = None) -> None:
+                 max_pending_bytes: int = MAX_PENDING_BYTES, store_url: str | None = None,
+                 tracing: TracingSettings | None = None) -> None:
         self._url = audit_url
         self._store_url = store_url
+        self._tracing = tracing
         self._home = home
         self.display_url = display_url
         self._max_pending = max_pending_bytes
@@ -127,9 +130,12 @@ class AuditClient:
 
     @classmethod
     async def spawn(cls, audit_url: str, home: Path, display_url: str, *,
-                    max_pending_bytes: int = MAX_PENDING_BYTES, store_url: str | None = None) -> AuditClient:
-        """Start the worker process (it imports while the proxy prepares the rest); `start` completes it."""
-        client = cls(audit_url, home, display_url, max_pending_bytes=max_pending_bytes, store_url=store_url)
+                    max_pending_bytes: int = MAX_PENDING_BYTES, store_url: str | None = None,
+                    tracing: TracingSettings | None = None) -> AuditClient:
+        """Start the worker process (it imports while the proxy prepares the rest); `start` completes it.
+        With `tracing`, the worker also sends one span per record there (`bastion.audit.tracing`)."""
+        client = cls(audit_url, home, display_url, max_pending_bytes=max_pending_bytes, store_url=store_url,
+                     tracing=tracing)
         client._worker = await client._launch()
         return client
 
@@ -175,8 +181,7 @@ class AuditClient:
     async def _handshake(self, worker: _Incarnation) -> None:
         ready = self._ready = self._loop.create_future()
         worker.reader = asyncio.create_task(self._read(worker), name="audit-worker-reader")
-        self._write_now(worker, ipc.frame(ipc.HELLO, Hello(self._url, str(self._home), self._config,
-                                                             store_url=self._store_url)))
+        self._write_now(worker, ipc.frame(ipc.HELLO, self._hello()))
         # The reader ends when the worker closes its output: it exited, after a FAILED frame or without one.
         await asyncio.wait({ready, worker.reader}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
@@ -187,6 +192,13 @@ class AuditClient:
             code = await worker.proc.wait()
             raise AuditStartError(f"the audit worker exited ({code}) before it was ready; see the log above", 1)
         raise AuditStartError(f"the audit worker did not open its spool within {START_TIMEOUT:g}s", 1)
+
+    def _hello(self) -> Hello:
+        tracing = self._tracing
+        if tracing is None:
+            return Hello(self._url, str(self._home), self._config, store_url=self._store_url)
+        return Hello(self._url, str(self._home), self._config, store_url=self._store_url,
+                     otlp_url=tracing.endpoint, service_name=tracing.service_name)
 
     # --- the proxy's API ----------------------------------------------------------------------------------------
 

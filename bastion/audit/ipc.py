@@ -40,6 +40,8 @@ class Hello:
     config: AuditConfig
     drain_timeout: float = 10.0
     store_url: str | None = None  # the shared store, where the worker witnesses its signed checkpoints
+    otlp_url: str | None = None  # the OTLP/HTTP traces URL: one span per record (`bastion.audit.tracing`)
+    service_name: str = "bastion"  # the spans' `service.name`
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,8 @@ Life:
   backlog, whether records can be taken, metric totals) whenever it changed, at most every `STATUS_EVERY`
   seconds, so the proxy's `/metrics` and `/readyz` tell the truth. It also runs the retention job: it owns
   the sink.
+- With an OTLP URL in HELLO, each record the writer spools also becomes a span (`bastion.audit.tracing`); the
+  last spans get at most `tracing.CLOSE_TIMEOUT` seconds when the worker exits.
 - CLOSE: drain to the sink for the given time, answer CLOSED, exit. End of input without CLOSE means the proxy
   is gone (killed): everything received is spooled and synced, then the worker exits; the next start drains
   it. A worker left running by a killed proxy says so in `<spool>/owner`, and a new worker waits for it to
@@ -41,6 +43,7 @@ from bastion.audit.retention import run_retention
 from bastion.audit.sinks import StoreError
 from bastion.audit.snapshot import ExchangeSnapshot
 from bastion.audit.spool import SpoolLockedError
+from bastion.audit.tracing import RecordTracer, TracingSettings, report, start_tracing
 from bastion.audit.writer import AuditWriter
 
 log = logging.getLogger("bastion.audit")
@@ -131,6 +134,7 @@ class Worker:
         self._last_status: Status | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._checkpoints: Checkpointer | None = None
+        self._tracer: RecordTracer | None = None
 
     def send(self, kind: bytes, value: Any) -> None:
         if not self._out.is_closing():
@@ -148,6 +152,7 @@ class Worker:
         self.send(ipc.READY, Ready(writer.writer_id, str(writer.spool_directory), writer.store.display_url))
         self._spawn(self._report(), "audit-status")
         self._spawn(run_retention(writer.store, lambda: writer.config), "audit-retention")
+        self._start_tracing(hello, writer)
         self._checkpoints = await start_checkpoints(Path(hello.home), writer, hello.store_url)
         try:
             return await self._serve(writer)
@@ -156,6 +161,21 @@ class Worker:
                 task.cancel()
             if self._checkpoints is not None:
                 await self._checkpoints.close(within=0.0)  # an error ended the worker: no last checkpoint
+            if self._tracer is not None:  # the writer is closed (or broken): no more records to trace
+                await asyncio.to_thread(self._tracer.close)
+
+    def _start_tracing(self, hello: Hello, writer: AuditWriter) -> None:
+        """Spans for the records from now on, when HELLO names a collector. Never stops the worker."""
+        if not hello.otlp_url:
+            return
+        settings = TracingSettings(hello.otlp_url, hello.service_name)
+        try:
+            self._tracer = start_tracing(settings, writer_id=writer.writer_id)
+        except Exception as e:  # the OpenTelemetry packages are missing or broken: records go on without spans
+            report("cannot start (%s); no spans are sent", e or type(e).__name__)
+            return
+        writer.on_record = self._tracer.observe
+        log.info("tracing: one span per record to %s", self._tracer.endpoint)
 
     async def _serve(self, writer: AuditWriter) -> int:
         while True:

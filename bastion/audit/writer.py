@@ -8,6 +8,7 @@ Path of a record:
     caller (event loop)      submit(record, bodies) or submit_exchange(snapshot)    O(1): a queue put
     spool thread             (snapshot -> record) -> finalize (decode, redact) -> chain link -> spool append
                              (one os.write for the records that arrived together)
+                             -> `on_record(record)` for each, if set (tracing: `bastion.audit.tracing`)
                              fdatasync at least every `sync_interval` (0.2 s), or at once for flush()
     drain task (event loop)  read synced entries (spool I/O on its own thread) -> store.write(batch)
                              -> move the spool cursor; on sink failure back off and retry, in order
@@ -127,6 +128,10 @@ class AuditWriter:
         self._drops = Drops()
         self.on_drained: Callable[[ChainHead], None] | None = None
         """Called on the event loop with the chain head each time the sink took records (signed checkpoints)."""
+        self.on_record: Callable[[AuditRecord], None] | None = None
+        """Called on the spool thread with each record once it is spooled: redacted, chained, final (tracing).
+        Must be quick and must not change the record; its exceptions are logged and otherwise ignored."""
+        self._observer_quiet_until = 0.0
         metrics.AUDIT_BACKLOG.inc(state.pending)
 
     @classmethod
@@ -422,7 +427,20 @@ class AuditWriter:
             self._spool_ok = True
         with self._lock:
             self._pending_bytes -= sum(p.nbytes for p, _, _ in written)
+        observer = self.on_record
+        if written and observer is not None:
+            self._observe(observer, [p.record for p, _, _ in written])
         return [p for p, _, _ in linked[len(spans):]]
+
+    def _observe(self, observer: Callable[[AuditRecord], None], records: list[AuditRecord]) -> None:
+        for record in records:
+            try:
+                observer(record)
+            except Exception:
+                now = time.monotonic()
+                if now >= self._observer_quiet_until:  # at most one log line a minute
+                    self._observer_quiet_until = now + 60.0
+                    log.exception("audit record %s: the record observer failed", record.id)
 
     def _link(self, p: _Prepared) -> Entry | None:
         """Give the record the next place in the chain (advanced at once; `_append` winds it back to the last

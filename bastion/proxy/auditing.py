@@ -23,6 +23,7 @@ from typing import Any
 from bastion.audit.client import AuditClient, AuditStartError
 from bastion.audit.settings import AuditConfig
 from bastion.audit.sinks import AuditStore, StoreError, open_store
+from bastion.audit.tracing import TracingSettings
 from bastion.config import DataSettings
 from bastion.proxy.capture import Capture
 from bastion.proxy.state import PolicyState
@@ -42,9 +43,11 @@ def audit_config(policy: Any) -> AuditConfig:
 class AuditService:
     """Create with the data settings; `spawn` and `start` open it."""
 
-    def __init__(self, data: DataSettings, *, pinned: str | None = None) -> None:
+    def __init__(self, data: DataSettings, *, pinned: str | None = None,
+                 tracing: TracingSettings | None = None) -> None:
         self._data = data
         self._pinned = pinned
+        self._tracing = tracing
         self._client: AuditClient | None = None
         self._capture: Capture | None = None
         self._reader: AuditStore | None = None
@@ -78,7 +81,7 @@ class AuditService:
             raise AuditStartError(f"cannot open the audit spool in {home.path}: {e.strerror or e}", 1) from None
         try:
             self._client = await AuditClient.spawn(self._data.audit, home.path, self._reader.display_url,
-                                                   store_url=self._data.store)
+                                                   store_url=self._data.store, tracing=self._tracing)
         except OSError as e:
             raise AuditStartError(f"cannot start the audit worker process: {e.strerror or e}", 1) from None
 
