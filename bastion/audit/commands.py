@@ -67,6 +67,7 @@ def register(sub: Any) -> None:
     tail.add_argument("-n", "--lines", type=_positive, default=20, help="how many records (default 20)")
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new records as they arrive")
     tail.add_argument("--agent", help="only this agent's records")
+    _add_fact_filters(tail)
     tail.add_argument("--format", choices=("text", "json"), default="text", help="json: one record per line")
     tail.set_defaults(handler=lambda a: _run(a, _tail))
 
@@ -82,6 +83,7 @@ def register(sub: Any) -> None:
     export.add_argument("--format", choices=("har", "jsonl"), default="har",
                         help="har: one HAR 1.2 document (default); jsonl: one record per line, bodies included")
     export.add_argument("--agent", help="only this agent's records")
+    _add_fact_filters(export)
     export.add_argument("--since", type=parse_time, help="records started at or after TIME (ISO 8601 or 30m/2h/7d)")
     export.add_argument("--until", type=parse_time, help="records started before TIME")
     export.add_argument("-o", "--output", help="write to FILE instead of standard output")
@@ -102,6 +104,12 @@ def register(sub: Any) -> None:
     key = actions.add_parser("key", help="print this home's checkpoint signing key (public half, for --keys)")
     add_home_args(key, store=False, audit=False)
     key.set_defaults(handler=_key)
+
+
+def _add_fact_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="only LLM calls to this model (requested or served, exact name)")
+    parser.add_argument("--tool", help="only records that called this tool: an MCP tools/call, or a tool call the "
+                        "model made (exact name; tools merely offered do not count)")
 
 
 def _run(args: argparse.Namespace, action: Callable[[argparse.Namespace, AuditStore], Awaitable[int]]) -> int:
@@ -138,13 +146,18 @@ def _stamp(us: int) -> str:
 
 
 def summary_line(r: AuditRecord) -> str:
-    """One record on one line: time, id, agent, decision, request, status, duration, rules or error."""
+    """One record on one line: time, id, agent, decision, request, status, duration, rules or error, then what
+    an LLM or MCP call was about when known (`gpt-4o-mini 120→45 tok  tool=send_email`)."""
+    from bastion.audit.display import tail_facts
+
     status = str(r.status) if r.status is not None else "-"
     tail = r.error.type if r.error is not None else ",".join(r.decision.rules) if r.decision else ""
     refusal = r.error.type if r.error is not None and r.outcome == "refused" else None
     label = outcome_label(r.effect, refusal)  # a 423 lock conflict is not an `allow`, as in /metrics
+    facts = tail_facts(r.extra)
     return (f"{_stamp(r.started_us)}  {r.id}  {r.agent or r.identity.claimed or '-'}  {label or '-'}  "
-            f"{r.request.method} {r.request.url}  {status}  {r.timings.total_us / 1000:.1f}ms  {tail}").rstrip()
+            f"{r.request.method} {r.request.url}  {status}  {r.timings.total_us / 1000:.1f}ms  {tail}"
+            + (f"  {facts}" if facts else "")).rstrip()
 
 
 def _emit(r: AuditRecord, fmt: str, out: TextIO) -> None:
@@ -155,10 +168,10 @@ def _emit(r: AuditRecord, fmt: str, out: TextIO) -> None:
 
 
 async def _tail(args: argparse.Namespace, store: AuditStore) -> int:
-    from bastion.audit.sinks.base import RecordQuery
+    from bastion.audit.sinks.base import RecordQuery, matches_facts
 
     token = (await store.changes(None))[1] if args.follow else None
-    page = await store.query(RecordQuery(agent=args.agent, limit=args.lines))
+    page = await store.query(RecordQuery(agent=args.agent, model=args.model, tool=args.tool, limit=args.lines))
     for r in reversed(page.records):
         _emit(r, args.format, sys.stdout)
     sys.stdout.flush()
@@ -166,7 +179,7 @@ async def _tail(args: argparse.Namespace, store: AuditStore) -> int:
         await asyncio.sleep(1.0)
         records, token = await store.changes(token)
         for r in records:
-            if args.agent is None or r.agent == args.agent:
+            if (args.agent is None or r.agent == args.agent) and matches_facts(r.extra, args.model, args.tool):
                 _emit(r, args.format, sys.stdout)
         sys.stdout.flush()
     return 0
@@ -197,7 +210,10 @@ def _ms(us: int | None) -> str:
 
 
 def render_record(r: AuditRecord) -> str:
-    """A record for people: facts first, then the request and response as on the wire (redacted)."""
+    """A record for people: facts first, then what an LLM, MCP or WebSocket exchange carried, then the request
+    and response as on the wire (redacted)."""
+    from bastion.audit.display import fact_sections
+
     t = r.timings
     ident = r.identity
     lines = [
@@ -228,10 +244,13 @@ def render_record(r: AuditRecord) -> str:
                      + f", waited {_ms(a.waited_us)}" + (f": {a.note}" if a.note else ""))
     if r.redactions:
         lines.append(f"redacted   {', '.join(r.redactions)}")
-    if r.extra:
-        lines.append(f"extra      {json.dumps(r.extra, ensure_ascii=False, sort_keys=True)}")
+    sections, shown = fact_sections(r.extra)
+    rest = {k: v for k, v in r.extra.items() if k not in shown}
+    if rest:
+        lines.append(f"extra      {json.dumps(rest, ensure_ascii=False, sort_keys=True)}")
     if r.chain is not None:
         lines.append(f"chain      {r.chain.writer} #{r.chain.seq}   hash {r.hash}")
+    lines += sections
     lines.append("")
     lines.append(f"> {r.request.method} {r.request.url} {r.request.http_version}")
     lines += [f"> {n}: {v}" for n, v in r.request.headers]
@@ -278,8 +297,8 @@ async def _export(args: argparse.Namespace, store: AuditStore) -> int:
     from bastion.audit.har import write_har
     from bastion.audit.sinks.base import RecordQuery
 
-    query = RecordQuery(agent=args.agent, since_us=args.since, until_us=args.until, limit=200, ascending=True,
-                        bodies=True)
+    query = RecordQuery(agent=args.agent, model=args.model, tool=args.tool, since_us=args.since, until_us=args.until,
+                        limit=200, ascending=True, bodies=True)
     out: TextIO = await asyncio.to_thread(open, args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         if args.format == "har":

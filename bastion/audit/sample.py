@@ -54,7 +54,12 @@ def sample_exchange(*, agent: str = "support-bot", body_words: int = 300, seed: 
         policy_revision="4f2c" * 16,
         upstream="104.18.7.192:443",
         timings=Timings(total_us=850_000, decision_us=35, upstream_us=840_000),
-        extra={"llm": {"model": "gpt-4o-mini", "input_tokens": body_words + 20, "output_tokens": body_words}},
+        extra={"llm": {"provider": "openai", "api": "chat.completions", "operation": "chat",
+                       "request_model": "gpt-4o-mini", "response_model": "gpt-4o-mini-2024-07-18",
+                       "model": "gpt-4o-mini-2024-07-18", "stream": False, "tools": [], "tool_calls": [],
+                       "finish_reasons": ["stop"], "response_id": "chatcmpl-1", "usage_reported": True,
+                       "usage": {"input_tokens": body_words + 20, "output_tokens": body_words},
+                       "time_to_first_token_s": None, "complete": True, "error": None}},
     )
     req = capture_bytes(request, max_body_bytes, content_type="application/json")
     resp = capture_bytes(response, max_body_bytes, content_type="application/json")

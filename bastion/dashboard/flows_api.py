@@ -2,10 +2,13 @@
 
 Routes; any user with the viewer, approver or admin role may read (see `auth`):
 
-- `GET /api/flows[?agent=&decision=&outcome=&host=&q=&limit=&before=]` -> `{"flows": [summary, ...], "next": CURSOR}`,
-  newest first. `decision` is the enforced effect (allow, deny, hold), `outcome` how the exchange ended
-  (forwarded, refused, upstream_error, client_gone), `q` a substring of the URL or an exact record id,
-  `limit` 1..1000 (default 50), `before` the `next` of the previous page (null on the last page).
+- `GET /api/flows[?agent=&decision=&outcome=&host=&q=&model=&tool=&limit=&before=]` ->
+  `{"flows": [summary, ...], "next": CURSOR}`, newest first. `decision` is the enforced effect (allow, deny,
+  hold), `outcome` how the exchange ended (forwarded, refused, upstream_error, client_gone), `q` a substring of
+  the URL or an exact record id, `model` an LLM model asked for or served, `tool` a tool called over MCP or by
+  the model (exact names; see `RecordQuery`), `limit` 1..1000 (default 50), `before` the `next` of the previous
+  page (null on the last page). A summary carries `llm` (`{"model", "input_tokens", "output_tokens"}` or null),
+  `tool` (the MCP tool, else the model's first tool call, or null) and `mcp_method` (or null).
 - `GET /api/flows/{id}` -> the record as stored (`bastion.audit/1`): identity, request and response with
   headers and body content, decision, locks, approval, timings, chain position and hash.
 - `GET /api/flows/{id}/har` -> a one-entry HAR 1.2 document, as a download.
@@ -26,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bastion.audit.display import first_tool, llm_brief, mcp_method
 from bastion.audit.har import har_log
 from bastion.audit.record import OUTCOMES, AuditRecord
 from bastion.audit.sinks import AuditStore, RecordQuery, StoreError
@@ -40,6 +44,7 @@ _OPENED = web.AppKey("bastion_audit_reader_opened", asyncio.Lock)
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 DECISIONS = ("allow", "deny", "hold")
+MAX_NAME = 1000
 
 
 def install(app: web.Application, store: AuditStore) -> None:
@@ -96,6 +101,9 @@ def summary(record: AuditRecord) -> dict[str, Any]:
         "streamed": bool(resp and resp.streamed),
         "locks": sorted({lk.key for lk in record.locks}),
         "approval": record.approval.id if record.approval else None,
+        "llm": llm_brief(record.extra),
+        "tool": first_tool(record.extra),
+        "mcp_method": mcp_method(record.extra),
     }
 
 
@@ -122,7 +130,17 @@ def _query(request: web.Request) -> RecordQuery:
         except StoreError:
             raise _BadQuery("before must be the `next` cursor of a previous page") from None
     return RecordQuery(agent=params.get("agent") or None, effect=decision, outcome=outcome,
-                       host=params.get("host") or None, text=params.get("q") or None, limit=limit, cursor=cursor)
+                       host=params.get("host") or None, text=params.get("q") or None,
+                       model=_name(params, "model"), tool=_name(params, "tool"), limit=limit, cursor=cursor)
+
+
+def _name(params: Any, key: str) -> str | None:
+    """An exact-name filter (`model`, `tool`). Model and tool names are short; a longer value is refused rather
+    than compared against every record the walk reaches."""
+    value = params.get(key) or None
+    if value is not None and len(value) > MAX_NAME:
+        raise _BadQuery(f"{key} must be at most {MAX_NAME} characters")
+    return value
 
 
 async def list_flows(request: web.Request) -> web.Response:

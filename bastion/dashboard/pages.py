@@ -5,8 +5,9 @@ dict (plus the user, the CSRF token and formatting filters). Every value that ca
 headers, bodies, rule messages) is escaped by the template engine: no template marks audit data safe.
 Forms post to routes in `forms.py`; scripts are static files (`static/app.js`), never inline.
 
-Reads are bounded: the flow list reads one indexed page (keyset, newest first), the overview and agents
-pages one grouped count of the last hour, approvals and locks their store's live set.
+Reads are bounded: the flow list reads one indexed page (keyset, newest first; the model and tool filters are
+tested on each record of that walk, see `RecordQuery`), the overview and agents pages one grouped count of the
+last hour, approvals and locks their store's live set.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from urllib.parse import urlencode
 import aiohttp_jinja2
 from aiohttp import web
 
+from bastion.audit.display import USAGE_KINDS, llm_view, mcp_view, websocket_view
 from bastion.audit.record import OUTCOMES, AuditRecord, Body
 from bastion.audit.sinks import RecordQuery, StoreError
-from bastion.audit.sinks.base import page_key, parse_page_key
+from bastion.audit.sinks.base import matches_facts, page_key, parse_page_key
 from bastion.coord.approvals import may_decide
 from bastion.coord.store import StoreUnavailable, iso_time
 from bastion.dashboard.app import POLICY_SOURCE, READY_CHECKS
@@ -173,7 +175,7 @@ async def overview(request: web.Request) -> web.Response:
 
 # -- flows ----------------------------------------------------------------------------------------------------
 
-FLOW_FILTERS = ("agent", "decision", "outcome", "host", "q", "rule", "status", "since", "until")
+FLOW_FILTERS = ("agent", "decision", "outcome", "host", "q", "model", "tool", "rule", "status", "since", "until")
 
 
 def flow_query(params: Any, limit: int = PAGE_SIZE) -> tuple[RecordQuery, dict[str, str], list[str]]:
@@ -210,7 +212,8 @@ def flow_query(params: Any, limit: int = PAGE_SIZE) -> tuple[RecordQuery, dict[s
             problems.append("that page link is not valid any more")
             cursor = None
     query = RecordQuery(agent=given.get("agent"), effect=decision, outcome=outcome, host=given.get("host"),
-                        text=given.get("q"), since_us=since_us, until_us=until_us, limit=limit, cursor=cursor)
+                        text=given.get("q"), model=given.get("model"), tool=given.get("tool"), since_us=since_us,
+                        until_us=until_us, limit=limit, cursor=cursor)
     return query, given, problems
 
 
@@ -255,8 +258,8 @@ async def flows(request: web.Request) -> web.Response:
 
 
 def _fields(q: RecordQuery) -> dict[str, Any]:
-    return {k: getattr(q, k) for k in ("agent", "effect", "outcome", "host", "text", "since_us", "until_us", "limit",
-                                       "cursor", "ascending", "bodies")}
+    return {k: getattr(q, k) for k in ("agent", "effect", "outcome", "host", "text", "model", "tool", "since_us",
+                                       "until_us", "limit", "cursor", "ascending", "bodies")}
 
 
 MAX_STREAMS = 32
@@ -320,6 +323,8 @@ def _live_match(record: AuditRecord, given: dict[str, str]) -> bool:
     if "host" in given and record.request.host != given["host"].lower():
         return False
     if "q" in given and given["q"] not in record.request.url and given["q"] != record.id:
+        return False
+    if not matches_facts(record.extra, given.get("model"), given.get("tool")):
         return False
     return _matches_extra(record, given)
 
@@ -406,6 +411,8 @@ async def flow_detail(request: web.Request) -> web.Response:
         "request_body": body_view(req.body, req.headers),
         "response_body": body_view(resp.body if resp else None, resp.headers if resp else []),
         "trace": trace, "record_json": json.dumps(record.to_json(with_hash=True), indent=2, ensure_ascii=False),
+        "llm": llm_view(record.extra), "mcp": mcp_view(record.extra), "ws": websocket_view(record.extra),
+        "usage_kinds": USAGE_KINDS,
     })
 
 

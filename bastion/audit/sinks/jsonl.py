@@ -37,6 +37,7 @@ from bastion.audit.sinks.base import (
     PruneMarker,
     RecordQuery,
     StoreError,
+    matches_facts,
     page_key,
     parse_page_key,
 )
@@ -397,7 +398,8 @@ def _matches(rec: AuditRecord, q: RecordQuery) -> bool:
             and (q.host is None or rec.request.host == q.host.lower())
             and (not q.text or q.text.lower() in rec.request.url.lower() or rec.id == q.text)
             and (q.since_us is None or rec.started_us >= q.since_us)
-            and (q.until_us is None or rec.started_us < q.until_us))
+            and (q.until_us is None or rec.started_us < q.until_us)
+            and matches_facts(rec.extra, q.model, q.tool))
 
 
 def _chain_row(obj: dict[str, Any]) -> ChainRow:

@@ -31,6 +31,7 @@ from bastion.audit.sinks.base import (
 from bastion.audit.sinks.sql import (
     INDEX_COLUMNS,
     INSERT_COLUMNS,
+    POSTGRES_JSON,
     READ_COLUMNS,
     Params,
     entry_row,
@@ -191,7 +192,8 @@ class PostgresStore(AuditStore):
 
     async def query(self, q: RecordQuery) -> Page:
         p = Params(numbered=True)
-        rows = await self._p().fetch(select_records(self._records, q, p, ilike=True), *p.args)
+        sql = select_records(self._records, q, p, ilike=True, json_filters=POSTGRES_JSON)
+        rows = await self._p().fetch(sql, *p.args)
         limit = max(1, min(q.limit, MAX_PAGE))
         records = [row_record(tuple(r)) for r in rows[:limit]]
         return Page(records, page_key(records[-1]) if len(rows) > limit else None)

@@ -10,12 +10,13 @@ fields for searching (`index_of`; `verify` checks they agree with the JSON), the
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from bastion.audit.bodies import DecodeError, unpack
 from bastion.audit.entry import Entry
-from bastion.audit.record import AuditRecord, Body
+from bastion.audit.record import AuditRecord, Body, canonical
 from bastion.audit.sinks.base import MAX_PAGE, RecordQuery, index_of, parse_page_key
 
 log = logging.getLogger("bastion.audit")
@@ -43,7 +44,66 @@ def entry_row(entry: Entry) -> tuple[Any, ...]:
             entry.hash, entry.request_body, entry.response_body)
 
 
-def select_records(table: str, q: RecordQuery, p: Params, *, ilike: bool = False) -> str:
+# The `model` and `tool` filters below put only placeholders into the SQL; the values are bound parameters.
+#
+# Each starts with a substring test on the stored text (`instr`, `strpos`): the record column holds the
+# canonical JSON, so a record that holds the name as a value contains the name as canonical JSON writes it
+# (`_needle`), and one that does not contain it is passed over without being parsed, which costs a fraction
+# of the parse (PostgreSQL: about 6 µs instead of 100 µs per record of 2.5 KB).
+
+def _needle(name: str) -> str:
+    """`name` as it appears inside the canonical JSON: between the quotes of its JSON string."""
+    return canonical(name).decode("utf-8")[1:-1]
+
+
+def _sqlite_model(p: Params, model: str) -> str:
+    near, value = p(_needle(model)), p(model)
+    return (f"(instr(record, {near}) > 0 AND {value} IN (json_extract(record, '$.extra.llm.model'), "
+            "json_extract(record, '$.extra.llm.request_model'), json_extract(record, '$.extra.llm.response_model')))")
+
+
+def _sqlite_tool(p: Params, tool: str) -> str:
+    # CASE, not AND: SQLite may test conditions in any order, and json_extract on an element that is not JSON
+    # (a malformed record) would fail the whole query; CASE reads `name` only from objects.
+    near, mcp, call = p(_needle(tool)), p(tool), p(tool)
+    return (f"(instr(record, {near}) > 0 AND (json_extract(record, '$.extra.mcp.tool') = {mcp} "  # noqa: S608
+            "OR EXISTS (SELECT 1 FROM json_each(record, '$.extra.llm.tool_calls') AS item "
+            f"WHERE CASE WHEN item.type = 'object' THEN json_extract(item.value, '$.name') END = {call})))")
+
+
+def _postgres_model(p: Params, model: str) -> str:
+    # jsonb equality with a jsonb string: exact, and never true for a number that prints the same. The record
+    # is parsed once per row (the subquery), not once per path.
+    near, value = p(_needle(model)), p(model)
+    return (f"(strpos(record, {near}) > 0 AND (SELECT to_jsonb({value}::text) IN "  # noqa: S608
+            "(d #> '{extra,llm,model}', d #> '{extra,llm,request_model}', d #> '{extra,llm,response_model}') "
+            "FROM (SELECT record::jsonb) AS j(d)))")
+
+
+def _postgres_tool(p: Params, tool: str) -> str:
+    near, value = p(_needle(tool)), p(tool)
+    calls = "d #> '{extra,llm,tool_calls}'"
+    return (f"(strpos(record, {near}) > 0 AND (SELECT d #> '{{extra,mcp,tool}}' = v OR EXISTS "  # noqa: S608
+            f"(SELECT 1 FROM jsonb_array_elements(CASE WHEN jsonb_typeof({calls}) = 'array' THEN {calls} END) "
+            "AS c(item) WHERE jsonb_typeof(item) = 'object' AND item -> 'name' = v) "
+            f"FROM (SELECT record::jsonb, to_jsonb({value}::text)) AS j(d, v)))")
+
+
+@dataclass(frozen=True, slots=True)
+class JsonFilters:
+    """How a dialect tests the `model` and `tool` filters inside the record JSON (see `RecordQuery`): no
+    column, no index; a substring test, then one JSON evaluation, per record the index walk reaches."""
+
+    model: Callable[[Params, str], str]
+    tool: Callable[[Params, str], str]
+
+
+SQLITE_JSON = JsonFilters(_sqlite_model, _sqlite_tool)
+POSTGRES_JSON = JsonFilters(_postgres_model, _postgres_tool)
+
+
+def select_records(table: str, q: RecordQuery, p: Params, *, ilike: bool = False,
+                   json_filters: JsonFilters = SQLITE_JSON) -> str:
     where: list[str] = []
     if q.agent is not None:
         where.append(f"agent = {p(q.agent)}")
@@ -57,6 +117,10 @@ def select_records(table: str, q: RecordQuery, p: Params, *, ilike: bool = False
         escaped = q.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         like = "ILIKE" if ilike else "LIKE"
         where.append(f"(url {like} {p('%' + escaped + '%')} ESCAPE '\\' OR id = {p(q.text)})")
+    if q.model is not None:
+        where.append(json_filters.model(p, q.model))
+    if q.tool is not None:
+        where.append(json_filters.tool(p, q.tool))
     if q.since_us is not None:
         where.append(f"started_us >= {p(q.since_us)}")
     if q.until_us is not None:

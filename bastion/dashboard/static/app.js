@@ -59,6 +59,15 @@ function liveFlows() {
     if (f.decision) decision.classList.add(f.decision);
     set("rules", (f.rules || []).join(", ") || "default");
     set("duration", durationText(f.duration_us));
+    const facts = [];
+    if (f.llm) {
+      const tokens = f.llm.input_tokens != null || f.llm.output_tokens != null
+        ? ` ${f.llm.input_tokens ?? "?"}→${f.llm.output_tokens ?? "?"} tok` : "";
+      facts.push((f.llm.model || "model unknown") + tokens);
+    }
+    if (f.mcp_method) facts.push(f.mcp_method);
+    if (f.tool) facts.push(`tool ${f.tool}`);
+    set("facts", facts.join(" · "));
     body.prepend(row);
     while (body.rows.length > 500) body.deleteRow(-1);  // the page keeps a bounded buffer
   });
