@@ -31,8 +31,19 @@ POLICY_RELOAD_SUCCESS = Gauge("bastion_policy_reload_success", "1 if the last po
 POLICY_RELOADS = Counter("bastion_policy_reloads", "Policy reload attempts by result.", ["result"],
                          registry=REGISTRY)
 POLICY_RULES = Gauge("bastion_policy_rules", "Rules in the active policy.", registry=REGISTRY)
-LLM_TOKENS = Counter("bastion_llm_tokens", "LLM tokens reported by upstream responses.",
-                     ["agent", "model", "kind"], registry=REGISTRY)
+LLM_TOKENS = Counter("bastion_llm_tokens", "LLM tokens the upstream reported in its answers, by kind: input "
+                     "(includes cached and cache_creation), output (includes reasoning), cached (read from the "
+                     "prompt cache), cache_creation, reasoning.", ["agent", "model", "kind"], registry=REGISTRY)
+LLM_TIME_TO_FIRST_TOKEN = Histogram("bastion_llm_time_to_first_token_seconds", "Streamed LLM answers: time from "
+                                    "forwarding the request to the first content or tool-call token.", ["model"],
+                                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60), registry=REGISTRY)
+MCP_CALLS = Counter("bastion_mcp_calls", "JSON-RPC (MCP) requests by method, tool and how they ended: result, "
+                    "error, tool_error (a result with isError), refused (by Bastion), none (no answer seen).",
+                    ["agent", "method", "tool", "outcome"], registry=REGISTRY)
+WEBSOCKET_MESSAGES = Counter("bastion_websocket_messages", "WebSocket messages relayed, by direction (client: "
+                             "from the agent).", ["direction"], registry=REGISTRY)
+WEBSOCKET_REFUSALS = Counter("bastion_websocket_refusals", "WebSocket client messages refused by the policy "
+                             "(the session was closed with code 1008).", registry=REGISTRY)
 
 # --- coordination -------------------------------------------------------------------------------------------
 LOCKS_HELD = Gauge("bastion_locks_held", "Task locks currently held (as last listed from the store).",

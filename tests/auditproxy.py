@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import ssl
 import threading
 import time
 import zlib
@@ -30,6 +29,7 @@ import requests
 from aiohttp import web
 from support.bastion import BastionServer
 from support.certs import CertFiles
+from support.upstream import serve_in_thread
 
 from bastion.audit.record import AuditRecord
 from bastion.audit.sinks import RecordQuery, open_store
@@ -209,33 +209,6 @@ def run_audit_upstream(certs: CertFiles) -> Iterator[AuditUpstream]:
     with serve_in_thread(upstream.app(), certs) as ports:
         upstream.http_port, upstream.https_port = ports
         yield upstream
-
-
-@contextmanager
-def serve_in_thread(app: web.Application, certs: CertFiles) -> Iterator[tuple[int, int]]:
-    """Serve `app` on HTTP and HTTPS (free ports) from a thread of its own; yields the two ports."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="audit-upstream", daemon=True)
-    thread.start()
-
-    async def start() -> web.AppRunner:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(certs.server_cert, certs.server_key)
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
-        return runner
-
-    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    try:
-        ports = [a[1] for a in runner.addresses]
-        yield int(ports[0]), int(ports[1])
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(15)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 # -- a TCP forwarder that can be cut -------------------------------------------------------------------------

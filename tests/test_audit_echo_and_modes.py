@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 import requests
 from aiohttp import web
-from auditproxy import MAX_BODY, TOKENS, read_records, serve_in_thread, wait_for_record, write_policy
+from auditproxy import MAX_BODY, TOKENS, read_records, wait_for_record, write_policy
 from support.bastion import BastionServer, run_bastion, run_cli
 from support.certs import CertFiles
+from support.upstream import serve_in_thread
 
 KEPT = "this part of the answer is not secret and must be stored as sent"
 

@@ -39,6 +39,7 @@ def finalize(record: AuditRecord, request_body: CapturedBody | None, response_bo
         record.response.headers = ex.headers(record.response.headers, "/response/headers", found)
         bodies.append(_kept_body(response_body, ex, max_body_bytes, "/response/body", found))
     _free_text(record, ex.text, ex.value, found)
+    _websocket_texts(record, ex, found)
     echoes = ex.echoes()
     if echoes is not None:
         _mask_echoes(record, bodies, echoes, found)
@@ -70,6 +71,22 @@ def _free_text(record: AuditRecord, text: TextFix, value: ValueFix, found: list[
         record.upstream = text(record.upstream, "/upstream", found)
     if record.extra:
         record.extra = value(record.extra, "/extra", found)
+
+
+def _websocket_texts(record: AuditRecord, redactor: Redactor, found: list[str]) -> None:
+    """A WebSocket session's text messages are bodies too (a realtime API's `session.update` may carry a key):
+    JSON ones are walked for secret-named keys, others scanned, as `Redactor.body` does for request bodies."""
+    ws = record.extra.get("websocket")
+    messages = ws.get("messages") if isinstance(ws, dict) else None
+    if not isinstance(messages, list):
+        return
+    for i, message in enumerate(messages):
+        text = message.get("text") if isinstance(message, dict) else None
+        if isinstance(text, str) and text:
+            data = text.encode("utf-8", "replace")
+            out = redactor.body(data, "", f"/extra/websocket/messages/{i}/text", found)
+            if out is not data:
+                message["text"] = out.decode("utf-8", "replace")
 
 
 def _mask_echoes(record: AuditRecord, bodies: list[_Kept | None], echoes: Echoes, found: list[str]) -> None:

@@ -426,12 +426,17 @@ class Redactor:
         return False
 
     def value(self, node: Any, path: str, found: list[str]) -> Any:
-        """A parsed JSON value: secret-named keys masked, strings scanned. Returns a new value."""
+        """A parsed JSON value: secret-named keys masked, strings scanned. Returns a new value.
+
+        Numbers under `/extra` are Bastion's own measurements (`time_to_first_token_s`, an error `code`), not
+        credentials, so their names do not mask them; strings there are scanned like everywhere else."""
         # Paths are only built for containers and hits: most leaves are neither.
         if isinstance(node, dict):
             out: dict[str, Any] = {}
+            measured = path.startswith("/extra")
             for k, v in node.items():
-                if self.secret_key(k) and not (v is None or v == "" or isinstance(v, bool)):
+                if self.secret_key(k) and not (v is None or v == "" or isinstance(v, bool) or (
+                        measured and isinstance(v, int | float))):
                     found.append(path + pointer(k))
                     if isinstance(v, (dict, list)):
                         self._remember_leaves(v)

@@ -102,6 +102,7 @@ class ExchangeSnapshot(NamedTuple):
     upstream: Address | None
     upstream_tried: bool
     forwarded_path: str | None
+    extra: Mapping[str, Any] | None = None  # what the traffic meant (`llm`, `mcp`, `websocket` facts)
 
     @property
     def body_bytes(self) -> int:
@@ -186,10 +187,17 @@ def to_record(snap: ExchangeSnapshot, max_body_bytes: int) -> tuple[AuditRecord,
         approval=approval_fact(snap.approval),
         policy_revision=snap.policy_revision,
         upstream=address(snap.upstream),
-        extra={"forwarded_path": snap.forwarded_path} if snap.forwarded_path is not None else {},
+        extra=_extra(snap),
     )
     return (record, captured(snap.request_body, snap.request_fields, max_body_bytes),
             captured(snap.response_body, resp_fields, max_body_bytes))
+
+
+def _extra(snap: ExchangeSnapshot) -> dict[str, Any]:
+    extra: dict[str, Any] = dict(snap.extra) if snap.extra else {}
+    if snap.forwarded_path is not None:
+        extra["forwarded_path"] = snap.forwarded_path
+    return extra
 
 
 def captured(body: Body, fields: HeaderFields, max_body_bytes: int) -> CapturedBody | None:

@@ -463,6 +463,12 @@ def any_satisfies(values: Iterable[Any], cond: ValueCondition) -> bool:
     return False
 
 
+def websocket_upgrade(facts: RequestFacts) -> bool:
+    """A WebSocket upgrade request (ws/wss, no body): `json` conditions do not apply to it; the session's client
+    messages are checked against them instead (`bastion.proxy.wsession`), each as the body of these facts."""
+    return not facts.body and facts.scheme in ("ws", "wss")
+
+
 class FieldsMatcher(Matcher):
     """query / headers / json: every named field must satisfy its condition."""
 
@@ -479,12 +485,16 @@ class FieldsMatcher(Matcher):
         return list(key.values(facts.json()))
 
     def test(self, facts: RequestFacts, caps: Captures) -> bool:
+        if self.kind == "json" and websocket_upgrade(facts):
+            return False
         return all(self._any(facts, key, cond) for _name, key, cond in self.fields)
 
     def _any(self, facts: RequestFacts, key: Any, cond: ValueCondition) -> bool:
         return any_satisfies(self._values(facts, key), cond)
 
     def explain(self, facts: RequestFacts, caps: Captures) -> tuple[bool | None, str]:
+        if self.kind == "json" and websocket_upgrade(facts):
+            return False, "json: does not apply to a WebSocket upgrade (each client message is checked instead)"
         for name, key, cond in self.fields:
             try:
                 ok = self._any(facts, key, cond)

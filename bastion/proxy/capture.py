@@ -13,12 +13,18 @@ Two pipeline stages (see `server.build_proxy`):
   | how it ends                                     | hook           | outcome        |
   |-------------------------------------------------|----------------|----------------|
   | the upstream answered, the answer went back     | `response`     | forwarded      |
+  | a WebSocket session (upgraded with 101) ended   | `websocket_end`| forwarded      |
   | Bastion answered itself (407, 403, 423, 503...) | `response`     | refused        |
   | a CONNECT refused (407, 403)                    | `http_connect` | refused        |
   | upstream unreachable, TLS failure, broke off    | `error`        | upstream_error |
   | the agent went away (held, waiting, streaming)  | `error`        | client_gone    |
 
   A CONNECT that opens a tunnel is not an exchange (the requests inside it are) and gets no record.
+
+  A WebSocket session is one exchange: its record is taken when the session ends, so that it holds every
+  message (`extra["websocket"]`, kept by `bastion.proxy.wsession`); a session broken off by an `error` is
+  recorded there instead, with the messages seen so far. Unlike an HTTP answer, the 101 goes back to the agent
+  before the record exists: a proxy killed during a session leaves no record of it.
 
 Bodies: the request is already buffered by mitmproxy (the rules may read it), except a large one decided
 before it arrived, which is streamed to the upstream through a `StreamTap` like a streamed response. A response
@@ -152,19 +158,22 @@ class Capture:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if resp is None or resp.stream is not True:
-            return  # buffered: captured whole in `response` (a callable belongs to someone else: left alone)
+        if resp is None or not resp.stream:
+            return  # buffered: captured whole in `response`
         exchange = flow.metadata.get(flowmeta.CAPTURE)
         if exchange is None:
             return
         fields = resp.headers.fields
+        inner = resp.stream if callable(resp.stream) else None  # an observer before us: the tap calls it first
         tap = StreamTap(self.writer.capture(
             content_encoding=header_value(fields, b"content-encoding") or "",
-            content_type=header_value(fields, b"content-type") or ""))
+            content_type=header_value(fields, b"content-type") or ""), inner)
         exchange.tap = tap
         resp.stream = tap
 
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        if _websocket_session(flow):
+            return None  # recorded at `websocket_end`, with the whole session
         exchange = self._exchange(flow)
         resp = flow.response
         if exchange is None or resp is None:
@@ -179,6 +188,14 @@ class Capture:
             body = resp.raw_content
             facts = flowrecord.response_facts(resp, source="upstream")
         return self._record(flow, exchange, "forwarded", facts, None, body)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        exchange = self._exchange(flow)
+        resp = flow.response
+        if exchange is None or resp is None:
+            return None
+        return self._record(flow, exchange, "forwarded", flowrecord.response_facts(resp, source="upstream"),
+                            None, resp.raw_content)
 
     def error(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         exchange = self._exchange(flow)
@@ -260,6 +277,13 @@ class Capture:
     def _lost(request_id: str | None) -> None:
         metrics.AUDIT_DROPPED.labels(reason="capture_error").inc()
         log.exception("audit record for request %s could not be built", request_id)
+
+
+def _websocket_session(flow: http.HTTPFlow) -> bool:
+    """Did the upstream open a WebSocket session (101) for this flow?"""
+    resp = flow.response
+    return (flow.websocket is not None and resp is not None and resp.status_code == 101
+            and flowmeta.REFUSAL not in flow.metadata)
 
 
 def _large(body: Body) -> bool:

@@ -32,6 +32,14 @@ def register(sub: Any) -> None:
     p.add_argument("--idle-timeout", metavar="SECONDS",
                    help="close a connection, tunnels and streams included, after this long without a byte in "
                    "either direction (BASTION_IDLE_TIMEOUT, default 300)")
+    p.add_argument("--response-facts", metavar="on|off",
+                   help="read LLM and MCP answers as they pass, for token usage, tool calls and outcomes in the "
+                   "audit and the metrics (BASTION_RESPONSE_FACTS, default on); rules on `llm` and `mcp` work "
+                   "either way")
+    p.add_argument("--otlp", metavar="URL",
+                   help="send one OpenTelemetry span per exchange to this OTLP/HTTP collector, like "
+                   "http://127.0.0.1:4318 (/v1/traces is added); default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "
+                   "else OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing")
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser("run", help="run a command as an agent, with its traffic going through Bastion",

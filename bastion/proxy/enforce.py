@@ -23,7 +23,8 @@ from mitmproxy.net.http.url import parse_authority
 
 from bastion.metrics import DECISION_SECONDS
 from bastion.policy.decision import Decision
-from bastion.policy.facts import DEFAULT_BODY_LIMIT, FactsError, RequestFacts, canonical_host
+from bastion.policy.facts import DEFAULT_BODY_LIMIT, EvalError, FactsError, RequestFacts, canonical_host
+from bastion.protocols.mcp import McpProblem
 from bastion.proxy import flowmeta, responses
 from bastion.proxy.httplimits import BodyLimit
 from bastion.proxy.settings import MAX_HEADER_BYTES, MAX_REQUEST_BODY, STREAM_REQUEST_ABOVE
@@ -178,6 +179,9 @@ class Enforce:
                              f"({facts.host}:{facts.port}).")
             return True
 
+        if self._refused_jsonrpc(flow, facts):
+            return True
+
         started = time.perf_counter()
         decision = policy.evaluate(facts, agent)
         if early and (decision.effect != "allow" or decision.locks or decision.releases):
@@ -203,6 +207,22 @@ class Enforce:
         if facts.forward_target != req.path:
             req.path = facts.forward_target
         return True
+
+    @staticmethod
+    def _refused_jsonrpc(flow: http.HTTPFlow, facts: RequestFacts) -> bool:
+        """Refuse (400) a JSON-RPC message no rule could judge safely: a batch holding a call, duplicate keys,
+        routing headers (`Mcp-Method`, `Mcp-Name`) that disagree with the body. Otherwise note the message's
+        id, so that any refusal answers it as a JSON-RPC error."""
+        try:
+            call = facts.mcp()
+        except McpProblem as e:
+            responses.refuse(flow, 400, responses.BAD_REQUEST, str(e), jsonrpc_code=e.code)
+            return True
+        except EvalError:  # the body is not available (decided early, or too large): `mcp` conditions fail closed
+            return False
+        if call is not None:
+            flow.metadata[flowmeta.JSONRPC_ID] = call.id
+        return False
 
     @staticmethod
     def _deny(flow: http.HTTPFlow, facts: RequestFacts, decision: Decision) -> None:

@@ -10,6 +10,7 @@ tuple) when a header changes, so keeping the old tuple costs nothing and cannot 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bastion.audit.bodies import BodyCapture, CapturedBody
@@ -22,16 +23,22 @@ class StreamTap:
 
     mitmproxy calls it once more with `b""` at the end of the body. After `finish` it only passes chunks on:
     the upstream may still send data after the agent went away, and the record is already made by then.
+
+    `inner`: a stream callable an earlier stage put there (the traffic observer, which reads LLM and MCP
+    answers as they pass); it runs first, and the audit records what it returns.
     """
 
-    __slots__ = ("_capture", "_feed", "_open")
+    __slots__ = ("_capture", "_feed", "_inner", "_open")
 
-    def __init__(self, capture: BodyCapture) -> None:
+    def __init__(self, capture: BodyCapture, inner: Callable[[bytes], bytes] | None = None) -> None:
         self._capture = capture
         self._feed = capture.feed
+        self._inner = inner
         self._open = True
 
     def __call__(self, chunk: bytes) -> bytes:
+        if self._inner is not None:
+            chunk = self._inner(chunk)
         if self._open:
             self._feed(chunk)
         return chunk

@@ -31,6 +31,11 @@ Set per agent request (not on CONNECT flows, except REQUEST_ID, AGENT and POLICY
   refused with 413 while it arrives (set by enforcement at `requestheaders`).
 - DECIDED_EARLY: True when enforcement decided at `requestheaders` (a large body no rule can read, on a plain
   allow): the pipeline then runs every stage's `request` step at once, and streams the body to the upstream.
+- TRAFFIC: dict, what the traffic meant, for the audit record's `extra` (set by `bastion.proxy.traffic`):
+  `llm` (an LLM API call: model, tools, usage...), `mcp` (a JSON-RPC / MCP call: method, tool, outcome),
+  `websocket` (the messages of a session). Absent for plain HTTP.
+- JSONRPC_ID: the `id` of a JSON-RPC request (None for a notification), once known: a refusal of such a
+  request is a JSON-RPC error response for that id (`bastion.proxy.responses`).
 - CAPTURE: the audit capture's own state for this exchange (`bastion.proxy.exchange.Exchange`): what the
   agent sent, taken before any stage changes the request, and the response body tap. Only capture uses it.
 """
@@ -52,6 +57,8 @@ APPROVAL = "bastion.approval"
 CAPTURE = "bastion.capture"
 BODY_LIMIT = "bastion.body_limit"
 DECIDED_EARLY = "bastion.decided_early"
+TRAFFIC = "bastion.traffic"
+JSONRPC_ID = "bastion.jsonrpc_id"
 
 OBLIGATION_APPROVAL = "approval"
 OBLIGATION_LOCK = "lock"

@@ -117,4 +117,5 @@ def snapshot(flow: http.HTTPFlow, exchange: Exchange | None, *, outcome: str, re
         upstream=upstream,
         upstream_tried=tried,
         forwarded_path=forwarded_path,
+        extra=meta.get(flowmeta.TRAFFIC),
     )

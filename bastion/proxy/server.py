@@ -104,6 +104,8 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
     from bastion.proxy.memory import ReleaseBodies
     from bastion.proxy.pipeline import Pipeline
     from bastion.proxy.timeouts import HeaderTimeout
+    from bastion.proxy.traffic import Traffic
+    from bastion.proxy.wsession import WebSocketSessions
 
     httplimits.install()  # early answers, body and head limits while reading, JSON 502
 
@@ -134,7 +136,10 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
         guard,
         # Stages that meet obligations (task locks, approvals) go here, before the gate refuses what is unmet;
         gate,
-        # observers (audit capture) go after the gate, so they see the final outcome of every request.
+        WebSocketSessions(server, max_text_bytes=capture and (lambda: capture.writer.config.max_body_bytes)),
+        # observers go after the gate, so they see the final outcome of every request: what the traffic
+        # meant (LLM and MCP facts), then the audit capture (which records those facts too).
+        Traffic(response_facts=settings.response_facts),
     ]
     if holds is not None:  # approvals first: a lock is taken only for a call no person still has to decide on
         stages.insert(stages.index(gate), holds)
@@ -217,7 +222,8 @@ async def serve(settings: ServeSettings, *, audit: bool = True) -> int:
         print(f"bastion serve: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     # Opened once the policy is loaded; drained and closed after the last in-flight call.
-    audit_service = AuditService(settings.data, pinned=settings.agent) if audit else None
+    audit_service = (AuditService(settings.data, pinned=settings.agent, tracing=settings.tracing)
+                     if audit else None)
     try:
         return await _serve(settings, store, approvals, audit_service)
     except StartupError as e:

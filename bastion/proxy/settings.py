@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
+from bastion.audit.tracing import DEFAULT_SERVICE_NAME, TRACES_PATH, TracingSettings
 from bastion.config import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
@@ -64,6 +66,8 @@ class ServeSettings:
     grace: float = SHUTDOWN_GRACE
     header_timeout: float = HEADER_TIMEOUT
     idle_timeout: float = IDLE_TIMEOUT
+    response_facts: bool = True  # read LLM and MCP answers for usage and outcomes (`--response-facts`)
+    tracing: TracingSettings | None = None  # `--otlp`: one span per exchange, sent by the audit worker
 
 
 def service_address(url: str, what: str, schemes: dict[str, int | None]) -> tuple[str, int] | None:
@@ -116,6 +120,9 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
     idle_timeout = seconds(env_or(getattr(args, "idle_timeout", None), "BASTION_IDLE_TIMEOUT"),
                            "--idle-timeout", IDLE_TIMEOUT)
     return ServeSettings(
+        tracing=tracing_settings(getattr(args, "otlp", None)),
+        response_facts=on_off(env_or(getattr(args, "response_facts", None), "BASTION_RESPONSE_FACTS"),
+                              "--response-facts", True),
         header_timeout=header_timeout,
         idle_timeout=idle_timeout,
         rules=tuple(rules),
@@ -126,6 +133,72 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         upstream_ca=ca_path,
         protected=tuple(protected),
     )
+
+
+MAX_SERVICE_NAME = 256
+
+
+def tracing_settings(flag: str | None, environ: Mapping[str, str] = os.environ) -> TracingSettings | None:
+    """Where spans go, following the OTLP exporter's variables; None: no tracing.
+
+    `--otlp URL` (a collector's base URL; `/v1/traces` is added unless the path already ends with it; an empty
+    value turns tracing off), else `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as is), else
+    `OTEL_EXPORTER_OTLP_ENDPOINT` (`/v1/traces` added to its path). `OTEL_SDK_DISABLED=true` turns tracing off
+    (the SDK would not record spans anyway), and so does `OTEL_TRACES_EXPORTER=none` without the flag.
+    `OTEL_SERVICE_NAME` names the service ("bastion").
+    """
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        endpoint = None
+    elif flag is not None:
+        endpoint = _traces_url(flag, "--otlp", lenient=True) if flag.strip() else None
+    elif environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        endpoint = None
+    elif environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+        endpoint = _checked_url(environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"].strip(),
+                                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    elif environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
+        endpoint = _traces_url(environ["OTEL_EXPORTER_OTLP_ENDPOINT"], "OTEL_EXPORTER_OTLP_ENDPOINT", lenient=False)
+    else:
+        endpoint = None
+    if endpoint is None:
+        return None
+    service = environ.get("OTEL_SERVICE_NAME", "").strip()
+    if len(service) > MAX_SERVICE_NAME:
+        raise ConfigError(f"OTEL_SERVICE_NAME: at most {MAX_SERVICE_NAME} characters")
+    return TracingSettings(endpoint, service or DEFAULT_SERVICE_NAME)
+
+
+def _traces_url(base: str, what: str, *, lenient: bool) -> str:
+    """`base` with the traces path added to its path (the OTLP exporter's rule for a generic endpoint);
+    `lenient` leaves a URL that already ends with it alone."""
+    parts = urlsplit(_checked_url(base.strip(), what))
+    if lenient and parts.path.rstrip("/").endswith(TRACES_PATH):
+        return urlunsplit(parts)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + TRACES_PATH))
+
+
+def _checked_url(url: str, what: str) -> str:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as e:
+        raise ConfigError(f"{what}: bad URL {url!r}: {e}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what}: expected an http:// or https:// URL of an OTLP/HTTP collector, like "
+                          f"http://127.0.0.1:4318, got {url!r}")
+    return url
+
+
+def on_off(value: str | None, flag: str, default: bool) -> bool:
+    """`on`/`off` (also true/false, yes/no, 1/0), or `default` when not given."""
+    if value is None or value == "":
+        return default
+    text = value.strip().lower()
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise ConfigError(f"{flag}: expected on or off, got {value!r}")
 
 
 def seconds(value: str | None, flag: str, default: float) -> float:

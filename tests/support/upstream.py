@@ -139,52 +139,43 @@ class Upstream:
 
 
 @contextmanager
-def run_upstream(certs: CertFiles) -> Iterator[Upstream]:
-    """Start the upstream app on free ports (HTTP and HTTPS) in a background thread."""
+def serve_in_thread(app: web.Application, certs: CertFiles | None = None) -> Iterator[tuple[int, int]]:
+    """Serve `app` on plain HTTP and, with `certs`, on HTTPS too (free ports on 127.0.0.1), from an event loop
+    in a thread of its own, so synchronous tests, subprocess clients and async tests can all use it. Yields
+    the two ports (the HTTPS one is 0 without `certs`)."""
     loop = asyncio.new_event_loop()
-    started = threading.Event()
-    result: dict[str, object] = {}
-    app = make_app()
+    thread = threading.Thread(target=loop.run_forever, name="test-upstream", daemon=True)
+    thread.start()
 
     async def start() -> web.AppRunner:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(certs.server_cert, certs.server_key)
-        tls_site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-        await tls_site.start()
-        result["ports"] = [addr[1] for addr in runner.addresses]
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        if certs is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(certs.server_cert, certs.server_key)
+            await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
         return runner
 
-    def main() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            result["runner"] = loop.run_until_complete(start())
-        except BaseException as e:  # surfaced to the test thread below
-            result["error"] = e
-        started.set()
-        if "error" not in result:
-            loop.run_forever()
-
-    thread = threading.Thread(target=main, name="test-upstream", daemon=True)
-    thread.start()
-    started.wait(10)
-    if "error" in result:
-        raise RuntimeError(f"upstream failed to start: {result['error']!r}")
-    ports = result["ports"]
-    assert isinstance(ports, list)
-    upstream = Upstream(int(ports[0]), int(ports[1]), app[HITS])
     try:
-        yield upstream
+        runner = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        raise
+    try:
+        ports = [int(a[1]) for a in runner.addresses] + [0]
+        yield ports[0], ports[1]
     finally:
-        runner = result["runner"]
-        assert isinstance(runner, web.AppRunner)
-        fut = asyncio.run_coroutine_threadsafe(runner.cleanup(), loop)
-        try:
-            fut.result(15)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(10)
-            loop.close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@contextmanager
+def run_upstream(certs: CertFiles) -> Iterator[Upstream]:
+    """Start the upstream app on free ports (HTTP and HTTPS) in a background thread."""
+    app = make_app()
+    with serve_in_thread(app, certs) as (http_port, https_port):
+        yield Upstream(http_port, https_port, app[HITS])
