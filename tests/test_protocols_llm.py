@@ -449,6 +449,59 @@ def test_chat_stream_fast_path_skips_json_for_content_deltas(monkeypatch: pytest
     assert facts["finish_reasons"] == ["stop"] and facts["complete"] is True
 
 
+@pytest.mark.parametrize("api", ["chat.completions", "messages", "responses"])
+def test_whole_content_chunks_are_not_even_split_into_events(api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One event per chunk, as real streams arrive: once the first token is known, content chunks pass by a
+    few byte searches; the facts are the same as when every chunk is parsed."""
+    request = request_of(api)
+    if api == "chat.completions":
+        stream = [data_events(chat_chunk({"role": "assistant", "content": ""}))]
+        stream += [data_events(chat_chunk({"content": f"w{i} "})) for i in range(300)]
+        stream += [data_events(chat_chunk({}, finish="stop")), data_events(
+            {**chat_chunk({}), "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 300}}, "[DONE]")]
+    elif api == "messages":
+        start = {"type": "message_start", "message": {"id": "msg_1", "model": "claude-x", "usage": {
+            "input_tokens": 5, "cache_read_input_tokens": 2, "output_tokens": 1}}}
+        stream = [_named("message_start", start), _named("content_block_start", {
+            "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})]
+        stream += [_named("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                  "delta": {"type": "text_delta", "text": f"w{i} "}})
+                   for i in range(300)]
+        stream += [_named("ping", {"type": "ping"}),
+                   _named("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                   _named("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                            "usage": {"output_tokens": 300}}),
+                   _named("message_stop", {"type": "message_stop"})]
+    else:
+        final = {"id": "resp_1", "model": "gpt-x", "status": "completed", "output": [],
+                 "usage": {"input_tokens": 5, "output_tokens": 300}}
+        stream = [_named("response.created", {"type": "response.created", "response": {**final, "usage": None}})]
+        stream += [_named("response.output_text.delta", {"type": "response.output_text.delta", "delta": f"w{i} "})
+                   for i in range(300)]
+        stream += [_named("response.completed", {"type": "response.completed", "response": final})]
+    expected = observe(request, [b"".join(stream)]).result()
+
+    from bastion.protocols.sse import SseParser
+    fed = 0
+    real_feed = SseParser.feed
+
+    def counting_feed(self: SseParser, chunk: bytes) -> Any:
+        nonlocal fed
+        fed += 1
+        return real_feed(self, chunk)
+
+    monkeypatch.setattr(SseParser, "feed", counting_feed)
+    facts = observe(request, stream).result()
+    assert fed <= 10
+    assert {k: v for k, v in facts.items() if k != "time_to_first_token_s"} == {
+        k: v for k, v in expected.items() if k != "time_to_first_token_s"}
+    assert facts["usage"]["output_tokens"] == 300 and facts["complete"] is True
+
+
+def _named(name: str, obj: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(obj)}\n\n".encode()
+
+
 def test_chat_stream_fast_path_does_not_miss_facts_with_spaces() -> None:
     spaced = "".join(f"data: {json.dumps(obj)}\n\n" for obj in [
         chat_chunk({"content": "hi"}),

@@ -48,6 +48,12 @@ _MALFORMED = (TypeError, ValueError, AttributeError, KeyError, IndexError, Recur
 # A chat/completions chunk needs parsing only if one of these keys carries a value (not null / []).
 # Possessive quantifiers (Python 3.11+) keep every search linear: nothing is retried after a mismatch.
 _CHAT_FACTS = re.compile(r'"(?:usage|finish_reason|tool_calls|function_call|error)"\s*+:\s*+(?!null|\[\s*\])')
+# Whole chunks of a stream that cannot change the facts once the first token is known, by API (see
+# `LlmResponseObserver._quiet`): what a chunk must hold to be parsed. A false alarm only costs a parse.
+_CHAT_CHUNK_FACTS = re.compile(
+    rb'"(?:usage|finish_reason|tool_calls|function_call|error)"\s*+:\s*+(?!null|\[\s*\])|\[DONE\]|event:')
+_ANTHROPIC_CHUNK_FACTS = re.compile(rb"message_|content_block_st|input_json_delta|error")
+_RESPONSES_TEXT_DELTA = b"event: response.output_text.delta\n"
 _BIG_USAGE = re.compile(rb'"usage"\s*+:\s*+(\{(?:[^{}]++|\{[^{}]*+\})*+\})')   # one level of nested details
 _BIG_MODEL = re.compile(rb'"model"\s*+:\s*+("(?:[^"\\]|\\.){0,800}+")')
 
@@ -307,6 +313,8 @@ class LlmResponseObserver:
         if self._ended:
             return
         if chunk:
+            if self.first_token_at is not None and self._quiet(chunk):
+                return
             events = self._parser.feed(chunk)
         else:
             self._ended = True
@@ -316,6 +324,23 @@ class LlmResponseObserver:
                 self._on_event(event)
             except _MALFORMED:
                 self.malformed_events += 1
+
+    def _quiet(self, chunk: bytes) -> bool:
+        """Is `chunk` whole events (the parser holds nothing, the chunk ends with a blank line) that cannot change
+        the facts: content deltas once the model and the first token are known? Most chunks of a long answer
+        are; they are then not parsed at all (a few regex searches in C instead of decoding, splitting and
+        dispatching events), which keeps reading an answer cheap beside forwarding it."""
+        if not (chunk.endswith((b"\n\n", b"\r\n\r\n")) and self._parser.idle):
+            return False
+        api = self.request.api
+        if api in ("chat.completions", "completions"):
+            return _CHAT_CHUNK_FACTS.search(chunk) is None
+        if api == "messages":
+            return _ANTHROPIC_CHUNK_FACTS.search(chunk) is None
+        if api == "responses":
+            deltas = chunk.count(_RESPONSES_TEXT_DELTA)
+            return deltas > 0 and deltas == chunk.count(b"event:") == chunk.count(b"data:")
+        return False
 
     def feed_body(self, body: bytes) -> None:
         """A whole buffered JSON answer. Bodies over BIG_BODY are searched at both ends, not parsed whole."""

@@ -51,6 +51,14 @@ class SseParser:
         self._event_size = 0
         self._last_id: str | None = None
 
+    @property
+    def idle(self) -> bool:
+        """Between events: nothing held (no unfinished line or event). A chunk of whole events fed now could be
+        skipped by a caller that knows it holds nothing of interest, without upsetting what follows (only an
+        `id:` line in it would be lost)."""
+        return (self._started and not self._pending and not self._data and not self._event and not self._pending_cr
+                and not self._skip_event and not self._skip_line)
+
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """The events completed by this chunk (possibly none)."""
         if not chunk:
