@@ -420,3 +420,19 @@ def test_a_large_mcp_call_is_still_judged(proxy: BastionServer, mcp_upstream: Mc
     assert resp.status_code == 403 and resp.json()["id"] is None
     assert resp.json()["error"]["data"]["rule"] == "mcp-no-shell"
     assert mcp_upstream.calls == []
+
+
+def test_a_compressed_tool_call_cannot_slip_past_the_tool_rules(proxy: BastionServer,
+                                                                mcp_upstream: McpUpstream) -> None:
+    """Express-style servers inflate a gzip request body before parsing it: the rules cannot read it, so the
+    tool rules fail closed (the deny on run_shell applies) rather than seeing "not a call"."""
+    import gzip
+
+    mcp_upstream.calls.clear()
+    call = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "run_shell", "arguments": {}}}
+    s = proxy.session("mcp-bot", TOKENS["mcp-bot"])
+    resp = s.post(mcp_upstream.url, data=gzip.compress(json.dumps(call).encode()), timeout=20,
+                  headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
+                           "Accept": "application/json, text/event-stream"})
+    assert resp.status_code == 403 and resp.json()["error"]["data"]["rule"] == "mcp-no-shell"
+    assert mcp_upstream.calls == []

@@ -200,3 +200,30 @@ def test_an_empty_llm_block_matches_every_llm_call(tmp_path: Path) -> None:
         """)
     assert decide(p, "bot", "POST", ANTHROPIC, _chat("whatever", max_tokens=1)).effect == "allow"
     assert decide(p, "bot", "POST", "https://api.example.com/v1/orders", {"model": "x"}).effect == "deny"
+
+
+@pytest.mark.parametrize("headers", [{"content-encoding": "gzip"}, {"content-encoding": "deflate"},
+                                     {"content-type": "application/json; charset=base64"},
+                                     {"content-type": "application/json; charset=utf-7"}])
+def test_an_encoded_body_is_never_read_as_not_a_call(policy: Policy, headers: dict[str, str]) -> None:
+    """Servers decode a Content-Encoding or a charset before parsing (Express inflates gzip, the MCP
+    TypeScript SDK honours the charset): bytes the rules cannot read as JSON-RPC may still be a call, so
+    `mcp` conditions fail closed on them instead of reading "not a call"."""
+    import base64
+    import gzip
+
+    raw = json.dumps(_call("send_email", {"to": "eve@evil.example"})).encode()
+    body = gzip.compress(raw) if headers.get("content-encoding") == "gzip" else base64.b64encode(raw)
+    facts = RequestFacts.from_url("POST", MCP, headers=headers, body=body)
+    with pytest.raises(EvalError):
+        facts.mcp()
+    d = policy.evaluate(facts, "bot")
+    assert d.effect == "hold" and d.errors  # the mail rule still holds it; no allow rule lets it through
+
+
+def test_a_body_nested_too_deeply_fails_closed(policy: Policy) -> None:
+    body = b'{"model": "gpt-4o-mini", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    facts = RequestFacts.from_url("POST", OPENAI, body=body)
+    with pytest.raises(EvalError):
+        facts.json()
+    assert policy.evaluate(facts, "bot").effect != "allow"

@@ -429,14 +429,15 @@ class Redactor:
         """A parsed JSON value: secret-named keys masked, strings scanned. Returns a new value.
 
         Numbers under `/extra` are Bastion's own measurements (`time_to_first_token_s`, an error `code`), not
-        credentials, so their names do not mask them; strings there are scanned like everywhere else."""
+        credentials, so their names do not mask them; strings there are scanned like everywhere else. A numeric
+        `code` anywhere is a status (JSON-RPC's `error.code`); an authorization code is a string."""
         # Paths are only built for containers and hits: most leaves are neither.
         if isinstance(node, dict):
             out: dict[str, Any] = {}
             measured = path.startswith("/extra")
             for k, v in node.items():
                 if self.secret_key(k) and not (v is None or v == "" or isinstance(v, bool) or (
-                        measured and isinstance(v, int | float))):
+                        isinstance(v, int | float) and (measured or k.lower() == "code"))):
                     found.append(path + pointer(k))
                     if isinstance(v, (dict, list)):
                         self._remember_leaves(v)

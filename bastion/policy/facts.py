@@ -362,6 +362,8 @@ class RequestFacts:
                     self._json = json.loads(self.body)
                 except (ValueError, UnicodeDecodeError) as e:
                     self._json_error = f"body is not valid JSON ({e})"
+                except RecursionError:
+                    self._json_error = "body is nested too deeply to read"
         if self._json_error is not None:
             raise EvalError(self._json_error)
         return self._json
@@ -402,11 +404,29 @@ class RequestFacts:
             if self.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in self.headers:
                 raise EvalError("the request body is not available to check")
             return parse_jsonrpc(b"", self.headers)
+        encoded = self.encoded_body()
+        if encoded is not None:  # a server may decode what the rules cannot read: never "not a call"
+            raise EvalError(f"the body is {encoded}, so it cannot be checked for a JSON-RPC call")
         if not may_be_jsonrpc(body):
             return parse_jsonrpc(b"", self.headers) if _MCP_HEADERS & self.headers.keys() else None
         if len(body) > self.body_limit:
             raise EvalError(f"body of {len(body)} bytes exceeds the {self.body_limit}-byte JSON limit")
         return parse_jsonrpc(body, self.headers)
+
+    def encoded_body(self) -> str | None:
+        """Why the body bytes are not the text a server reads, or None: a Content-Encoding (gzip, ...) or a
+        charset other than UTF-8 (servers decode both before parsing)."""
+        coding = self.headers.get("content-encoding", "").strip().lower()
+        if coding not in ("", "identity"):
+            return f"content-encoded ({coding[:40]})"
+        _, _, params = self.content_type.partition(";")
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "charset":
+                charset = value.strip().strip('"').lower()
+                if charset not in ("utf-8", "utf8", "us-ascii", "ascii"):
+                    return f"in the charset {charset[:40]!r}"
+        return None
 
 
 _MCP_HEADERS = frozenset({"mcp-method", "mcp-name"})

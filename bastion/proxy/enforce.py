@@ -52,6 +52,15 @@ def drop_h2c_upgrade(headers: http.Headers, seen: dict[str, str]) -> None:
         seen.pop(name, None)
 
 
+def drop_websocket_extensions(headers: http.Headers, seen: dict[str, str]) -> None:
+    """Remove the agent's `Sec-WebSocket-Extensions` offer, so that no extension (permessage-deflate) is
+    negotiated: a compressed message is inflated whole by the proxy before any rule sees it, and a megabyte on
+    the wire can inflate to gigabytes. Without the offer both sides speak plain frames."""
+    if "sec-websocket-extensions" in seen:
+        headers.fields = tuple((k, v) for k, v in headers.fields if k.lower() != b"sec-websocket-extensions")
+        seen.pop("sec-websocket-extensions", None)
+
+
 def host_header_matches(host_header: str, raw_host: str, port: int, facts: RequestFacts) -> bool:
     """Does the Host header / :authority name the host (and port, if given) the request is sent to?"""
     if host_header.startswith(raw_host):  # the usual case, without parsing: "host" or "host:port"
@@ -163,6 +172,7 @@ class Enforce:
         scheme = req.scheme
         if headers.get("upgrade", "").lower() == "websocket":
             scheme = "wss" if scheme == "https" else "ws"
+            drop_websocket_extensions(req.headers, headers)
         try:
             facts = RequestFacts.build(
                 method=req.method, scheme=scheme, host=req.host, port=req.port, raw_path=raw_path,

@@ -102,14 +102,17 @@ def jsonrpc_target(flow: http.HTTPFlow) -> tuple[Any] | None:
         if is_rpc:
             return (request_id,)
     accept = b""
+    encoded = False
     for k, v in req.headers.fields:
         name = k.lower()
         if name in _MCP_HINT_HEADERS:
             return (None,)
         if name == b"accept":
             accept += v
-    if body is None and b"text/event-stream" in accept and b"application/json" in accept:
-        return (None,)  # the streamable HTTP transport's Accept, before its body (e.g. a 407 on `initialize`)
+        elif name == b"content-encoding" and v.strip().lower() not in (b"", b"identity"):
+            encoded = True
+    if (not body or encoded) and b"text/event-stream" in accept and b"application/json" in accept:
+        return (None,)  # the streamable HTTP transport's Accept, before its body is read (a 407 on `initialize`)
     return None
 
 

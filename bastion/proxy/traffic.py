@@ -83,23 +83,33 @@ class _Observation:
 
 
 class _Inflate:
-    """Incremental gzip/deflate for a compressed event stream, bounded per chunk (a small compressed chunk
-    cannot make the observer parse megabytes)."""
+    """Incremental gzip/deflate for a compressed event stream, under a budget: a stream may inflate to at most
+    `RATIO` times what arrived plus `ALLOWANCE`, so a hostile upstream's small, highly compressed chunks cannot
+    make the observer parse megabytes on the event loop. At the budget (or on corrupt data) reading stops and
+    the rest of the answer passes on unread: its facts then lack what came later, but nothing is misread."""
 
-    PER_CHUNK = 1 << 20
+    RATIO = 64
+    ALLOWANCE = 4 << 20
 
     def __init__(self, encoding: str) -> None:
         self._d = zlib.decompressobj(47 if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS)
+        self._arrived = 0
+        self._inflated = 0
         self.failed = False
 
     def __call__(self, chunk: bytes) -> bytes:
         if self.failed or not chunk:
             return b""
+        self._arrived += len(chunk)
         try:
-            return self._d.decompress(chunk, self.PER_CHUNK)
+            out = self._d.decompress(chunk, self._arrived * self.RATIO + self.ALLOWANCE - self._inflated)
         except zlib.error:
             self.failed = True
             return b""
+        self._inflated += len(out)
+        if self._d.unconsumed_tail:  # more than the budget: stop here rather than skip what is held back
+            self.failed = True
+        return out
 
 
 class Traffic:
@@ -110,6 +120,8 @@ class Traffic:
         self.models = BoundedLabel()
         self.tools = BoundedLabel()
         self.methods = BoundedLabel(limit=50)
+        self.unanswered_tools = BoundedLabel()
+        self.unanswered_methods = BoundedLabel(limit=50)
         self._tokens: dict[tuple[str, str, str], Any] = {}
 
     # -- requests -------------------------------------------------------------------------------------------
@@ -203,6 +215,8 @@ class Traffic:
             log.exception("could not read the answer of request %s", meta.get(flowmeta.REQUEST_ID))
 
     def _count_llm(self, agent: str, facts: dict[str, Any]) -> None:
+        if not facts.get("usage_reported") and facts.get("time_to_first_token_s") is None:
+            return  # no answer read (refused, or the upstream failed): nothing to count, no label to spend
         model = self.models(facts.get("model"))
         for kind, n in usage_tokens(facts).items():
             key = (agent, model, kind)
@@ -215,13 +229,16 @@ class Traffic:
             metrics.LLM_TIME_TO_FIRST_TOKEN.labels(model).observe(ttft)
 
     def _count_mcp(self, agent: str, facts: dict[str, Any]) -> None:
-        method = self.methods(facts.get("method"))
-        tool = self.tools(facts.get("tool")) if facts.get("tool") else ""
+        """Names of calls no server answered (refused ones, say) take their labels from a set of their own, so
+        an agent making up tool names cannot use up the labels of the tools that really run."""
+        answered = facts.get("outcome") in ("result", "error", "tool_error")
+        methods, tools = (self.methods, self.tools) if answered else (self.unanswered_methods, self.unanswered_tools)
+        method = methods(facts.get("method"))
+        tool = tools(facts.get("tool")) if facts.get("tool") else ""
         metrics.MCP_CALLS.labels(agent, method, tool, facts.get("outcome") or "none").inc()
 
 
-def _observing(feed: Callable[[bytes], None], decode: Callable[[bytes], bytes] | None = None
-               ) -> Callable[[bytes], bytes]:
+def _observing(feed: Callable[[bytes], None], decode: _Inflate | None = None) -> Callable[[bytes], bytes]:
     """A `flow.response.stream` function: shows each chunk to `feed` (decoded first if need be) and passes it
     on unchanged. A failing observer is dropped, never the stream."""
     broken = False
@@ -232,11 +249,10 @@ def _observing(feed: Callable[[bytes], None], decode: Callable[[bytes], bytes] |
             try:
                 if decode is None:
                     feed(data)
+                elif data:
+                    feed(decode(data))
                 else:
-                    if data:
-                        feed(decode(data))
-                    else:
-                        feed(b"")
+                    feed(b"")
             except Exception:
                 broken = True
                 log.exception("observing a streamed answer failed; it passes on unread")
