@@ -23,8 +23,11 @@ from bastion.protocols.llm import (
     LLM_PATH_ENDS,
     MAX_ARGUMENTS,
     MAX_TOOL_CALLS,
+    MAX_TOOL_NAMES,
+    MAX_TOOLS,
     LlmRequest,
     LlmResponseObserver,
+    llm_body_problem,
     llm_request,
     may_be_llm,
     usage_tokens,
@@ -361,7 +364,8 @@ def test_request_tools_stream_and_forced_tool() -> None:
         "tool_choice": {"type": "tool", "name": "get_weather"},
     })
     assert anthropic is not None
-    assert anthropic.tools == ("get_weather", "web_search") and anthropic.tool_choice == "get_weather"
+    assert anthropic.tools == ("get_weather", "web_search", "web_search_20250305")   # a built-in: name and type
+    assert anthropic.tool_choice == "get_weather"
 
     for choice in ("auto", "required", {"type": "auto"}, {"type": "any"}, {"type": "none"}, None, 3):
         plain = llm_request("POST", ("v1", "messages"), {}, {"messages": [], "tool_choice": choice})
@@ -375,7 +379,259 @@ def test_request_caps_hostile_sizes() -> None:
     })
     assert request is not None
     assert request.model is not None and len(request.model) == 200
-    assert len(request.tools) == 64 and all(len(name) == 200 for name in request.tools)
+    # Rules see every tool, uncut; the audit keeps the first MAX_TOOLS, cut at 200 characters.
+    assert len(request.tools) == 500 and request.tools_complete
+    assert request.tools[499] == "tool499" + "x" * 1000
+    audited = request.to_json()["tools"]
+    assert len(audited) == MAX_TOOLS and all(len(name) == 200 for name in audited)
+    observed = LlmResponseObserver(request, streamed=False).result()["tools"]
+    assert observed == audited
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# request detection against hostile shapes: what a deny rule on a model or tool must see
+
+
+def _chat_tools(tools: list[Any], key: str = "tools") -> LlmRequest:
+    request = llm_request("POST", ("v1", "chat", "completions"), {}, {"model": "m", "messages": [], key: tools})
+    assert request is not None
+    return request
+
+
+def test_rules_see_every_tool_offered_and_fail_closed_beyond_the_limit() -> None:
+    offered = [{"type": "function", "function": {"name": f"t{i}"}} for i in range(MAX_TOOLS)]
+    last = _chat_tools([*offered, {"type": "function", "function": {"name": "delete_everything"}}])
+    assert last.tools[-1] == "delete_everything" and last.tools_complete
+    assert "delete_everything" not in last.to_json()["tools"]   # the audit keeps the first MAX_TOOLS only
+    legacy = _chat_tools([{"name": f"f{i}"} for i in range(100)] + [{"name": "delete_everything"}], "functions")
+    assert legacy.tools[-1] == "delete_everything" and legacy.tools_complete
+
+    at_limit = _chat_tools([{"type": "function", "function": {"name": f"t{i}"}} for i in range(MAX_TOOL_NAMES)])
+    assert len(at_limit.tools) == MAX_TOOL_NAMES and at_limit.tools_complete
+    for too_many in ([{"name": f"t{i}"} for i in range(MAX_TOOL_NAMES + 1)],
+                     [0] * (MAX_TOOL_NAMES + 1),   # junk entries count: nobody can say what the server makes of them
+                     [{"type": "function", "name": f"a{i}", "function": {"name": f"b{i}"}}
+                      for i in range(MAX_TOOL_NAMES // 2 + 1)]):   # two names each: more names than the limit
+        request = _chat_tools(too_many)
+        assert not request.tools_complete and len(request.tools) <= MAX_TOOL_NAMES
+
+
+def test_every_name_a_tool_carries_is_a_tool_name() -> None:
+    two_names = _chat_tools([{"type": "function", "name": "x", "function": {"name": "delete_everything"}}])
+    assert two_names.tools == ("x", "delete_everything")   # Responses servers read `name`, chat servers the other
+    custom = _chat_tools([{"type": "custom", "name": "a", "custom": {"name": "b"}, "function": {"name": "c"}}])
+    assert custom.tools == ("a", "c", "b")
+    same = _chat_tools([{"type": "function", "name": "same", "function": {"name": "same"}}])
+    assert same.tools == ("same",)
+    built_in = llm_request("POST", ("v1", "messages"), {}, {"messages": [], "tools": [
+        {"type": "bash_20250124", "name": "bash"}, {"type": "web_search"}, {"type": "custom", "name": "mine"}]})
+    assert built_in is not None and built_in.tools == ("bash", "bash_20250124", "web_search", "mine")
+    long_name = "x" * 5000 + "delete_everything"
+    uncut = _chat_tools([{"type": "function", "function": {"name": long_name}}],)
+    assert uncut.tools == (long_name,) and uncut.to_json()["tools"] == ["x" * 200]   # rules see it all
+    forced = llm_request("POST", ("v1", "chat", "completions"), {}, {
+        "messages": [], "tool_choice": {"type": "function", "function": {"name": long_name}}})
+    assert forced is not None and forced.tool_choice == long_name
+
+
+@pytest.mark.parametrize(("path", "doc", "model"), [
+    ("/openai/deployments/o1-pro/chat/completions", {"model": "gpt-4o-mini", "messages": []}, "o1-pro"),
+    ("/openai/deployments/o1-pro/completions", {"model": "gpt-4o-mini", "prompt": "x"}, "o1-pro"),
+    ("/openai/deployments/embed/embeddings", {"model": "gpt-4o-mini", "input": "x"}, "embed"),
+    ("/openai/Deployments/o1-pro/Chat/Completions", {"model": "gpt-4o-mini", "messages": []}, "o1-pro"),
+    # The segment just before the API's own is the one Azure routes on, whatever comes earlier in the path.
+    ("/gw/deployments/cheap/openai/deployments/o1-pro/chat/completions", {"model": "x", "messages": []}, "o1-pro"),
+    ("/openai/deployments/o1-pro/extensions/chat/completions", {"model": "x", "messages": []}, "o1-pro"),
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": []}, "gpt-4o-mini"),
+])
+def test_azure_routes_on_the_deployment_in_the_path(path: str, doc: dict[str, Any], model: str) -> None:
+    request = llm_request("POST", tuple(path.split("/")[1:]), {}, doc)
+    assert request is not None and request.model == model
+    assert request.body_model == doc["model"]
+    facts = request.to_json()
+    answer = LlmResponseObserver(request, streamed=False).result()
+    assert facts["request_model"] == answer["request_model"] == model
+    if model == doc["model"]:
+        assert "body_model" not in facts and "body_model" not in answer
+    else:
+        assert facts["body_model"] == answer["body_model"] == doc["model"]
+
+
+@pytest.mark.parametrize(("path", "api"), [
+    ("/v1/chat/Completions", "chat.completions"),
+    ("/V1/CHAT/COMPLETIONS", "chat.completions"),
+    ("/V1/Messages", "messages"),
+    ("/v1/me\u017f\u017fages", "messages"),              # long s: a .NET router upper-cases it to S
+    ("/v1/\uff45\uff4d\uff42\uff45\uff44\uff44\u0131ngs", "embeddings"),   # fullwidth letters, dotless i
+    ("/v1/Responses/", "responses"),
+    ("/v1/Completions", "completions"),
+])
+def test_path_endings_are_recognised_in_any_letter_case(path: str, api: str) -> None:
+    segments = tuple(path.split("/")[1:])
+    assert may_be_llm("POST", segments)
+    doc = {"model": "o1-pro", "messages": [], "prompt": "x", "input": "x"}
+    request = llm_request("POST", segments, {}, doc)
+    assert request is not None and request.api == api and request.model == "o1-pro"
+
+
+def test_long_odd_segments_are_not_folded() -> None:
+    assert not may_be_llm("POST", ("v1", "\u00e9" * 10_000))
+    assert not may_be_llm("POST", ("v1", "messages\u00e9"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llm_body_problem: members that parsers read differently
+
+MSG = '[{"role":"user","content":"hi"}]'
+TOOL = '{"type":"function","function":{"name":"x","parameters":{}}}'
+
+
+def _filled(body: str) -> str:
+    """Bodies below are written with @M for a messages list and @T for a tool object."""
+    return body.replace("@M", MSG).replace("@T", TOOL)
+
+
+@pytest.mark.parametrize(("body", "member"), [
+    ('{"model":"gpt-4o-mini","Model":"o1-pro","messages":@M}', "'Model'"),
+    ('{"MODEL":"o1-pro","messages":@M}', "'MODEL'"),
+    ('{"model":"o1-pro","model":"gpt-4o-mini","messages":@M}', "'model'"),
+    ('{"model":"o1-pro","messages":@M,"model":"gpt-4o-mini"}', "'model'"),
+    ('{"mod\\u0065l":"o1-pro","model":"gpt-4o-mini","messages":@M}', "'model'"),
+    ('{"\\u006d\\u006f\\u0064\\u0065\\u006c":"o1-pro","model":"x","messages":@M}', "'model'"),
+    ('{"model":"x","messages":@M,"\u017ftream":true}', "'\\u017ftream'"),
+    ('{"model":"x","messages":@M,"\\u017ftream":true}', "'\\u017ftream'"),
+    ('{"model":"x","messages":"no","messages":@M}', "'messages'"),
+    ('{"model":"x","Messages":@M}', "'Messages'"),
+    ('{"model":"x","input":"a","input":"b"}', "'input'"),
+    ('{"model":"x","Prompt":"a"}', "'Prompt'"),
+    ('{"model":"x","stream":false,"stream":true,"messages":[]}', "'stream'"),
+    ('{"model":"x","messages":[],"tools":[],"tools":[@T]}', "'tools'"),
+    ('{"model":"x","messages":[],"TOOLS":[@T]}', "'TOOLS'"),
+    ('{"model":"x","messages":[],"tool_choice":"auto","Tool_Choice":"none"}', "'Tool_Choice'"),
+    ('{"model":"x","messages":[],"function_call":"auto","function_call":{"name":"y"}}', "'function_call'"),
+    # inside a tool, the members that name it
+    ('{"model":"x","messages":[],"tools":[{"type":"function","function":{"name":"delete_everything","name":"x"}}]}',
+     "'name' of tools[0].function"),
+    ('{"model":"x","messages":[],"tools":[@T,{"type":"function","function":{"name":"x","Name":"delete"}}]}',
+     "'Name' of tools[1].function"),
+    ('{"model":"x","messages":[],"tools":[{"type":"function","function":{"name":"x"},"function":{"name":"y"}}]}',
+     "'function' of tools[0]"),
+    ('{"model":"x","messages":[],"tools":[{"type":"function","Function":{"name":"y"},"function":{"name":"x"}}]}',
+     "'Function' of tools[0]"),
+    ('{"model":"x","messages":[],"tools":[{"type":"web_search","type":"function","name":"x"}]}', "'type' of tools[0]"),
+    ('{"model":"x","messages":[],"tools":[{"name":"a","NAME":"b","input_schema":{}}]}', "'NAME' of tools[0]"),
+    ('{"model":"x","messages":[],"tools":[{"type":"custom","cu\u017ftom":{"name":"b"}}]}', "of tools[0]"),
+    ('{"model":"x","messages":[],"tools":[{"type":"custom","custom":{"n\\u0061me":"a","name":"b"}}]}',
+     "'name' of tools[0].custom"),
+    ('{"model":"x","messages":[],"functions":[{"name":"a","name":"b"}]}', "'name' of functions[0]"),
+    ('{"model":"x","messages":[],"tool_choice":{"type":"function","function":{"name":"a","name":"b"}}}',
+     "'name' of tool_choice.function"),
+    ('{"model":"x","messages":[],"tool_choice":{"type":"tool","name":"a","Name":"b"}}', "'Name' of tool_choice"),
+    ('{"model":"x","messages":[],"function_call":{"name":"a","name":"b"}}', "'name' of function_call"),
+])
+def test_body_problems_are_found(body: str, member: str) -> None:
+    raw = _filled(body).encode()
+    for problem in (llm_body_problem(raw, json.loads(raw)), llm_body_problem(raw)):
+        assert problem is not None and member in problem
+
+
+@pytest.mark.parametrize("body", [
+    '{"model":"x","messages":@M,"tools":[@T],"tool_choice":"auto","stream":true}',
+    '{ "model" : "x" ,\n "messages" :\t@M , "tools" : [ @T ] }',
+    # duplicates and other cases below the members that decide, or outside the tools: not ours to judge
+    '{"model":"x","messages":[{"role":"user","content":"hi","name":"a","name":"b"}],"metadata":{"Model":"y"}}',
+    '{"model":"x","messages":[],"tools":[{"type":"function","function":{"name":"x","parameters":'
+    '{"properties":{"model":{"type":"string"},"Name":{"type":"string","type":"number"}}}}}]}',
+    '{"model":"x","messages":[{"role":"user","content":"say \\"model\\": \\"o1-pro\\" \\u00e9\\u4e2d"}]}',
+    '{"model":"x","messages":[{"role":"user","content":"\\u0041 \\u006dodel"}],"n\\u0061me_of_it":1}',
+    '{"model":"x","input":[{"type":"mcp_list_tools","tools":[{"name":"a"}]}],"tools":[{"type":"mcp"}]}',
+    '{"model":"x","messages":[],"tools":[{"type":"function","name":"x","function":{"name":"y"}}]}',
+    '{"model":"x","tools":[@T],"messages":[{"role":"user","content":"5 \u212a, \u017f"}]}',   # read as UTF-8
+    '[{"model":"a"},{"model":"b"}]',
+    '"model"',
+])
+def test_plain_bodies_have_no_problem(body: str) -> None:
+    raw = _filled(body).encode()
+    assert llm_body_problem(raw, json.loads(raw)) is None
+    assert llm_body_problem(raw) is None
+
+
+def test_bodies_in_utf16_are_checked_too() -> None:
+    for encoding in ("utf-16", "utf-16-be", "utf-32"):
+        plain = json.dumps({"model": "x", "messages": []}).encode(encoding)
+        assert llm_body_problem(plain, json.loads(plain)) is None
+        twice = '{"model":"x","Model":"o1-pro","messages":[]}'.encode(encoding)
+        assert llm_body_problem(twice, json.loads(twice)) is not None
+    with_bom = b"\xef\xbb\xbf" + b'{"model":"x","model":"y"}'
+    assert llm_body_problem(with_bom, json.loads(with_bom.decode("utf-8-sig"))) is not None
+
+
+def _agent_body(size: int) -> tuple[bytes, dict[str, Any]]:
+    """A chat request as agents send them: tools, history with tool calls and results, non-ASCII text."""
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": "Reads a file. " * 10,
+                                               "parameters": {"type": "object", "properties": {
+                                                   "path": {"type": "string"}, "name": {"type": "string"}}}}}
+             for i in range(20)]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "You are helpful, naïve, 東京. " * 40}]
+    while len(json.dumps(messages)) < size:
+        n = len(messages)
+        messages += [
+            {"role": "user", "content": [{"type": "text", "text": "Please look at the résumé. " * 20}]},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{n}", "type": "function", "function": {
+                "name": "tool_1", "arguments": json.dumps({"path": "/a/b", "name": "x\ny"})}}]},
+            {"role": "tool", "tool_call_id": f"call_{n}", "content": "line one\nline \"two\"\n" * 30},
+        ]
+    doc = {"model": "gpt-4o", "messages": messages, "tools": tools, "tool_choice": "auto", "stream": True}
+    return json.dumps(doc).encode(), doc
+
+
+def test_typical_bodies_take_the_cheap_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    exact: list[bytes] = []
+    real = llm_module._exact_body_problem
+    monkeypatch.setattr(llm_module, "_exact_body_problem", lambda body: exact.append(body) or real(body))
+    body, doc = _agent_body(200_000)
+    anthropic = json.dumps({"model": "claude", "max_tokens": 100, "messages": [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": f"t{i}", "name": "read", "input": {"p": i}}]}
+        for i in range(50)], "tools": [{"name": "read", "input_schema": {"type": "object"}}]},
+        ensure_ascii=False).encode()
+    for raw in (body, json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode(), anthropic):
+        assert llm_body_problem(raw, json.loads(raw)) is None
+    assert exact == []
+    hostile = body.replace(b'"tool_choice": "auto"', b'"tool_choice": "auto", "tool\\u005fchoice": "none"')
+    assert llm_body_problem(hostile, json.loads(hostile)) is not None and exact == [hostile]
+
+
+NAMES = ["model", "Model", "mod\\u0065l", "stream", "\u017ftream", "messages", "tools", "TOOLS", "metadata"]
+TOOL_NAMES = ["name", "Name", "n\\u0061me", "type", "function", "Function", "description"]
+
+
+def _object(pairs: list[tuple[str, str]]) -> str:
+    return "{" + ",".join(f'"{key}":{value}' for key, value in pairs) + "}"
+
+
+@st.composite
+def raw_bodies(draw: st.DrawFn) -> str:
+    """Small bodies written by hand, so members can repeat or differ in case and escapes as a hostile agent's do."""
+    def tool_object(depth: int) -> str:
+        keys = draw(st.lists(st.sampled_from(TOOL_NAMES), max_size=4))
+        pairs = [(key, tool_object(depth + 1) if key.lower() == "function" and depth == 0 else '"v"') for key in keys]
+        return _object(pairs)
+
+    pairs = []
+    for key in draw(st.lists(st.sampled_from(NAMES), max_size=6)):
+        if key.lower() == "tools":
+            value = "[" + ",".join(tool_object(0) for _ in range(draw(st.integers(0, 2)))) + "]"
+        else:
+            value = draw(st.sampled_from(['"o1-pro"', "true", "[]", '{"model":"a","model":"b"}']))
+        pairs.append((key, value))
+    return _object(pairs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw_bodies())
+def test_the_cheap_path_agrees_with_the_exact_check(body: str) -> None:
+    raw = body.encode()
+    assert (llm_body_problem(raw, json.loads(raw)) is None) == (llm_body_problem(raw) is None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -874,3 +1130,17 @@ def test_usage_tokens_only_positive_reported_kinds() -> None:
     assert usage_tokens({"usage": {"input_tokens": True, "output_tokens": "3"}}) == {}
     assert usage_tokens({}) == {}
     assert usage_tokens({"usage": None}) == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from([None, {}, {"tools": [{}]}, {"tool_choice": {}, "model": "m"}, []]))
+def test_body_problem_never_raises_on_junk(junk: bytes, doc: Any) -> None:
+    for body in (junk, b'{"tools":' + junk, b'{"model":"m","tools":[' + junk + b"]}"):
+        problem = llm_body_problem(body, doc)
+        assert problem is None or isinstance(problem, str)
+
+
+def test_body_problem_fails_closed_on_nesting_too_deep_to_read() -> None:
+    deep = b'{"model":"m","tools":[' + b"[" * 100_000 + b"]" * 100_000 + b"]}"
+    assert llm_body_problem(deep) is not None
+    assert llm_body_problem(deep, {"model": "m", "tools": []}) is not None

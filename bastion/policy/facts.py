@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import idna
 
-from bastion.protocols.llm import LlmRequest, llm_request, may_be_llm
+from bastion.protocols.llm import MAX_TOOL_NAMES, LlmRequest, llm_body_problem, llm_request, may_be_llm
 from bastion.protocols.mcp import McpProblem, McpRequest, may_be_jsonrpc, parse_jsonrpc
 
 DEFAULT_BODY_LIMIT = 1 << 20  # JSON bodies larger than this are not parsed: json conditions fail closed.
@@ -371,13 +371,30 @@ class RequestFacts:
     def llm(self) -> LlmRequest | None:
         """The LLM API call this request makes (OpenAI- or Anthropic-style, by path and body shape), or None.
         Raises EvalError when the path says it may be one but the body cannot be read (none, too large, not
-        JSON): `llm` conditions then fail closed."""
+        JSON), cannot be read unambiguously (a deciding member given twice or in another letter case), or
+        offers more tools than rules can see: `llm` conditions then fail closed."""
         got = self._llm
+        if isinstance(got, EvalError):
+            raise got
         if got is _MISSING:
             got = None
             if may_be_llm(self.method, self.segments):
-                got = llm_request(self.method, self.segments, self.headers, self.json())
+                try:
+                    got = self._read_llm()
+                except EvalError as e:
+                    self._llm = e
+                    raise
             self._llm = got
+        return got
+
+    def _read_llm(self) -> LlmRequest | None:
+        doc = self.json()
+        problem = llm_body_problem(self.body or b"", doc)
+        if problem is not None:
+            raise EvalError(f"the model call cannot be read unambiguously: {problem}")
+        got = llm_request(self.method, self.segments, self.headers, doc)
+        if got is not None and not got.tools_complete:
+            raise EvalError(f"the request offers more than {MAX_TOOL_NAMES} tools: rules cannot see them all")
         return got
 
     def mcp(self) -> McpRequest | None:

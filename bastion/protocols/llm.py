@@ -8,7 +8,13 @@ Two halves, both pure (no I/O, no mitmproxy):
 
 - `llm_request` reads a request into an `LlmRequest`: the facts the policy matches on (model, tools offered,
   tool forced) and the request half of the audit's `extra["llm"]`. `may_be_llm` lets callers skip JSON
-  parsing for every other request.
+  parsing for every other request. Deny rules on a model or tool hold only if Bastion reads what the upstream
+  will act on, so the request side reads like the most permissive upstream: path endings in any letter case
+  (case-insensitive routers), the Azure deployment in the path as the model (Azure ignores the body's), every
+  name a tool carries (chat servers read `function.name`, others `name`), every tool offered (up to
+  MAX_TOOL_NAMES, beyond which `tools_complete` is False and rules must fail closed). `llm_body_problem` finds
+  what no single reading can settle: deciding members given twice or in another letter case (Go's
+  encoding/json matches member names without regard to case), which callers refuse.
 - `LlmResponseObserver` reads the answer, streamed (SSE, chunk by chunk, on the proxy's event loop) or
   buffered (a JSON body), into the response half: models, token usage, tool calls with their arguments,
   finish reasons, time to first token, errors. Streams are the hot path: events that cannot change the facts
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import islice
@@ -34,7 +41,8 @@ LLM_PATH_ENDS = frozenset({"completions", "responses", "embeddings", "messages"}
 """Last path segments of every generation or embedding endpoint we understand."""
 
 MAX_TEXT = 200            # models, ids, tool names, finish reasons, error types
-MAX_TOOLS = 64            # tool names kept from a request
+MAX_TOOLS = 64            # tool names of a request kept in the audit
+MAX_TOOL_NAMES = 4096     # tool names of a request the rules see; a request offering more fails closed
 MAX_TOOL_CALLS = 64       # tool calls kept from an answer
 MAX_ARGUMENTS = 4096      # characters of arguments kept per tool call
 MAX_FINISH_REASONS = 16
@@ -118,7 +126,11 @@ def _loads(text: str | bytes) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class LlmRequest:
-    """What a model call asks for. `model` is the body's model, or the Azure deployment when the body has none."""
+    """What a model call asks for. `model` is the Azure deployment when the path names one (Azure routes on it
+    and ignores the body's), else the body's model; `body_model` is the body's own, kept for the audit.
+
+    `tools` holds every name the offered tools carry, uncut, for the rules; `tools_complete` is False when the
+    request offers more than MAX_TOOL_NAMES of them: rules then cannot see them all and must fail closed."""
 
     provider: str                  # "openai" | "anthropic" (API style, not vendor)
     api: str                       # "chat.completions" | "completions" | "responses" | "embeddings" | "messages"
@@ -127,13 +139,38 @@ class LlmRequest:
     stream: bool
     tools: tuple[str, ...] = ()
     tool_choice: str | None = None  # the tool the request forces, if it forces one
+    tools_complete: bool = True
+    body_model: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The request half of the audit's `extra["llm"]`."""
-        return {
+        """The request half of the audit's `extra["llm"]` (tool names capped: MAX_TOOLS of MAX_TEXT chars)."""
+        facts: dict[str, Any] = {
             "provider": self.provider, "api": self.api, "operation": self.operation,
-            "request_model": self.model, "stream": self.stream, "tools": list(self.tools),
+            "request_model": self.model, "stream": self.stream, "tools": self.audited_tools(),
         }
+        if self.body_model is not None and self.body_model != self.model:
+            facts["body_model"] = self.body_model
+        return facts
+
+    def audited_tools(self) -> list[str]:
+        return [name[:MAX_TEXT] for name in self.tools[:MAX_TOOLS]]
+
+
+_ASCII_CASE_PARTNERS = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+_LONGEST_FOLDABLE = 64   # no segment longer than this folds to a path end or "deployments" (NFKC never shrinks
+                         # a character to nothing; it only composes)
+
+
+def _caseless(segment: str) -> str:
+    """A path segment as a case-insensitive router may read it: ASCII lower-case, or for other text the NFKC case
+    fold with the dotless i, long s and Kelvin sign taken as their ASCII letters (like the policy's `fold_case`,
+    which this module cannot import: the policy imports it)."""
+    if segment.isascii():
+        return segment.lower()
+    if len(segment) > _LONGEST_FOLDABLE:
+        return segment
+    nfkc = unicodedata.normalize("NFKC", segment).translate(_ASCII_CASE_PARTNERS)
+    return unicodedata.normalize("NFKC", nfkc.casefold())
 
 
 def _trimmed(segments: tuple[str, ...]) -> tuple[str, ...]:
@@ -144,18 +181,19 @@ def _trimmed(segments: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def may_be_llm(method: str, segments: tuple[str, ...]) -> bool:
-    """Cheap pre-check: could this request be a model call? False means no need to parse its body."""
+    """Cheap pre-check: could this request be a model call? False means no need to parse its body. The path's
+    end is compared without regard to case: an upstream that routes case-insensitively serves /V1/Messages."""
     if method.upper() != "POST":
         return False
     path = _trimmed(segments)
-    return bool(path) and path[-1] in LLM_PATH_ENDS
+    return bool(path) and _caseless(path[-1]) in LLM_PATH_ENDS
 
 
 def _api_of(path: tuple[str, ...], doc: dict[str, Any]) -> tuple[str, str, str] | None:
-    """(provider, api, operation) from the path ending and body shape, or None."""
-    last = path[-1]
+    """(provider, api, operation) from the path ending (any case) and body shape, or None."""
+    last = _caseless(path[-1])
     if last == "completions":
-        if len(path) >= 2 and path[-2] == "chat":
+        if len(path) >= 2 and _caseless(path[-2]) == "chat":
             return "openai", "chat.completions", "chat"
         return ("openai", "completions", "text_completion") if "prompt" in doc else None
     if last == "responses":
@@ -167,38 +205,55 @@ def _api_of(path: tuple[str, ...], doc: dict[str, Any]) -> tuple[str, str, str] 
     return None
 
 
-def _azure_deployment(path: tuple[str, ...]) -> str | None:
+def _azure_deployment(path: tuple[str, ...], api: str) -> str | None:
+    """The deployment an Azure OpenAI path names: `.../deployments/{deployment}/chat/completions` (the segment
+    just before the API's own), else the segment after the first `deployments` (any case)."""
+    tail = 2 if api == "chat.completions" else 1
+    if len(path) >= tail + 2 and _caseless(path[-tail - 2]) == "deployments":
+        return _text(path[-tail - 1])
     for position, segment in enumerate(path[:-1]):
-        if segment == "deployments":
+        if _caseless(segment) == "deployments":
             return _text(path[position + 1])
     return None
 
 
-def _tool_name(tool: Any) -> str | None:
-    """A tool's name: `name` (Responses, Anthropic), `function.name` / `custom.name` (chat), or a built-in's type."""
+def _name(value: Any) -> str | None:
+    """A non-empty string, uncut: what rules compare must be what the upstream reads."""
+    return value if isinstance(value, str) and value else None
+
+
+def _tool_names_of(tool: Any) -> list[str]:
+    """Every name one tool carries, so that a rule on any of them matches whichever one the server reads: `name`
+    (Responses, Anthropic, legacy `functions`), `function.name` / `custom.name` (chat completions), and the
+    type of a built-in tool (`web_search`, Anthropic's `bash_20250124`...)."""
     tool = _dict(tool)
     if tool is None:
-        return None
-    name = _text(tool.get("name"))
-    if name is not None:
-        return name
+        return []
+    found = [_name(tool.get("name"))]
     for key in ("function", "custom"):
         inner = _dict(tool.get(key))
-        if inner is not None and (name := _text(inner.get("name"))) is not None:
-            return name
+        if inner is not None:
+            found.append(_name(inner.get("name")))
     kind = tool.get("type")
-    return _text(kind) if kind not in ("function", "custom") else None
+    if kind not in ("function", "custom"):
+        found.append(_name(kind))
+    return list(dict.fromkeys(name for name in found if name is not None))
 
 
-def _tool_names(doc: dict[str, Any]) -> tuple[str, ...]:
+def _tool_names(doc: dict[str, Any]) -> tuple[tuple[str, ...], bool]:
+    """The names of all tools offered, and whether that is all of them (no more than MAX_TOOL_NAMES)."""
     names: list[str] = []
     for key in ("tools", "functions"):   # `functions`: chat's deprecated form
-        for tool in _list(doc.get(key)):
-            if len(names) >= MAX_TOOLS:
-                return tuple(names)
-            if (name := _tool_name(tool)) is not None:
-                names.append(name)
-    return tuple(names)
+        tools = doc.get(key)
+        if not isinstance(tools, list):
+            continue
+        if len(tools) > MAX_TOOL_NAMES:
+            return tuple(names), False
+        for tool in tools:
+            names.extend(_tool_names_of(tool))
+            if len(names) > MAX_TOOL_NAMES:
+                return tuple(names[:MAX_TOOL_NAMES]), False
+    return tuple(names), True
 
 
 def _forced_tool(doc: dict[str, Any]) -> str | None:
@@ -207,15 +262,16 @@ def _forced_tool(doc: dict[str, Any]) -> str | None:
         kind = choice.get("type")
         if kind in ("function", "custom"):
             inner = _dict(choice.get(kind)) or choice
-            return _text(inner.get("name"))
-        return _text(choice.get("name")) if kind == "tool" else None
+            return _name(inner.get("name"))
+        return _name(choice.get("name")) if kind == "tool" else None
     legacy = _dict(doc.get("function_call"))
-    return _text(legacy.get("name")) if legacy is not None else None
+    return _name(legacy.get("name")) if legacy is not None else None
 
 
 def llm_request(method: str, segments: tuple[str, ...], headers: Mapping[str, str], doc: Any) -> LlmRequest | None:
     """The model call this request makes, or None if it is not one. `headers` is accepted for callers'
-    symmetry and future shapes; detection today needs only the method, path and body."""
+    symmetry and future shapes; detection today needs only the method, path and body. Callers that act on the
+    result should also ask `llm_body_problem` about the raw body, and refuse when `tools_complete` is False."""
     del headers
     if not may_be_llm(method, segments) or not isinstance(doc, dict):
         return None
@@ -224,13 +280,175 @@ def llm_request(method: str, segments: tuple[str, ...], headers: Mapping[str, st
     if kind is None:
         return None
     provider, api, operation = kind
+    body_model = _text(doc.get("model"))
+    tools, tools_complete = _tool_names(doc)
     return LlmRequest(
         provider=provider, api=api, operation=operation,
-        model=_text(doc.get("model")) or _azure_deployment(path),
+        model=_azure_deployment(path, api) or body_model,
         stream=doc.get("stream") is True,
-        tools=_tool_names(doc),
+        tools=tools,
         tool_choice=_forced_tool(doc),
+        tools_complete=tools_complete,
+        body_model=body_model,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The raw body: members that parsers read differently
+
+_DECIDING_MEMBERS = frozenset({
+    "model", "tools", "tool_choice", "stream", "functions", "function_call", "messages", "input", "prompt",
+})
+_TOOL_MEMBERS = ("tools", "functions", "tool_choice", "function_call")   # whose values name tools
+_NAME_MEMBERS = frozenset({"name", "function", "type", "custom"})        # members of a tool that name it
+
+# Go's encoding/json matches a member to a field ignoring case by Unicode simple case folding; for the ASCII
+# names above that folds A-Z, the long s (U+017F, as s) and the Kelvin sign (U+212A, as k), nothing else.
+_GO_FOLD = str.maketrans({**{chr(code): chr(code + 32) for code in range(ord("A"), ord("Z") + 1)},
+                          "\u017f": "s", "\u212a": "k"})
+
+_LONGEST_MEMBER = max(map(len, _DECIDING_MEMBERS | _NAME_MEMBERS))
+
+# Deciding members spelled plainly, anywhere in the raw body (one regex pass; where each one's value starts).
+_PLAIN_MEMBER = re.compile(rb'"(' + "|".join(sorted(_DECIDING_MEMBERS)).encode() + rb')"\s*+:')
+# A string that starts like one of these names spelled with a \u escape of a lower-case letter or "_" (all in
+# \u0050..\u007f): such a spelling decodes to the very same name, invisible in the parsed document. Serializers
+# never escape ASCII letters, so a hit is practically only ever hostile; it sends the body to the exact check.
+_ESCAPED_NAME = re.compile(rb'"[a-z_]{0,%d}+\\u00[5-7]' % (_LONGEST_MEMBER - 1))
+_JSON_SPACE = re.compile(r"[ \t\r\n]*+")
+_NON_ASCII_FOLDS = ("\u017f".encode(), "\u212a".encode())   # the long s and Kelvin sign in UTF-8
+
+
+class _Members(list):  # type: ignore[type-arg]
+    """A JSON object read as its (name, value) pairs in order, duplicates kept."""
+
+    __slots__ = ()
+
+
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_Members)
+
+
+def _members_of(value: Any) -> _Members | None:
+    return value if isinstance(value, _Members) else None
+
+
+def _array(value: Any) -> list[Any] | None:
+    return value if isinstance(value, list) and not isinstance(value, _Members) else None
+
+
+def _members_problem(members: Iterable[tuple[str, Any]], names: frozenset[str], where: str) -> str | None:
+    """A member of `names` given twice, or spelled in another case (which Go reads as that member)."""
+    seen: set[str] = set()
+    for key, _value in members:
+        if key in names:
+            if key in seen:
+                return (f"member {key!r}{where} is given more than once: some parsers keep the first, others the "
+                        "last")
+            seen.add(key)
+        elif len(key) <= _LONGEST_MEMBER and (folded := _go_folded(key)) in names:
+            return (f"member {key!a}{where} is {folded!r} in another letter case: Go servers read it as "
+                    f"{folded!r} and others ignore it")
+    return None
+
+
+def _go_folded(key: str) -> str:
+    return key.lower() if key.isascii() else key.translate(_GO_FOLD)
+
+
+def _tool_object_problem(tool: Any, where: str) -> str | None:
+    members = _members_of(tool)
+    if members is None:
+        return None
+    problem = _members_problem(members, _NAME_MEMBERS, where)
+    for key, inner in members:
+        if problem is not None:
+            break
+        if key in ("function", "custom") and (inner_members := _members_of(inner)) is not None:
+            problem = _members_problem(inner_members, _NAME_MEMBERS, f"{where}.{key}")
+    return problem
+
+
+def _tool_member_problem(key: str, value: Any) -> str | None:
+    """Names given twice or in another case inside the tools offered or the tool forced (`key` is one of
+    _TOOL_MEMBERS, `value` its value with objects read as _Members)."""
+    tools = _array(value)
+    if tools is None:
+        return _tool_object_problem(value, f" of {key}")
+    for position, tool in enumerate(islice(tools, MAX_TOOL_NAMES)):
+        if (problem := _tool_object_problem(tool, f" of {key}[{position}]")) is not None:
+            return problem
+    return None
+
+
+def _exact_body_problem(body: bytes) -> str | None:
+    """Every member that matters, read from the body with its duplicates: the slow and sure way."""
+    try:
+        top = json.loads(body, object_pairs_hook=_Members)
+    except (ValueError, RecursionError):
+        return "the body is not JSON that can be checked for ambiguous members"
+    if not isinstance(top, _Members):
+        return None
+    problem = _members_problem(top, _DECIDING_MEMBERS, " at the top level")
+    for key, value in top:
+        if problem is not None:
+            break
+        if key in _TOOL_MEMBERS:
+            problem = _tool_member_problem(key, value)
+    return problem
+
+
+def _value_at(body: bytes, offset: int) -> Any:
+    """The JSON value starting at `offset` (after blanks), objects as _Members. Decoded as Latin-1, a cheap and
+    byte-for-byte decoding: names equal in UTF-8 are equal in Latin-1, and ASCII names read the same. Only the
+    non-ASCII letters Go folds into ASCII ones would read differently: ValueError when the rest has any."""
+    if any(body.find(letter, offset) >= 0 for letter in _NON_ASCII_FOLDS):
+        raise ValueError("a long s or Kelvin sign: read it as UTF-8")
+    text = str(memoryview(body)[offset:], "latin-1")
+    space = _JSON_SPACE.match(text)
+    return _PAIRS_DECODER.raw_decode(text, space.end() if space else 0)[0]
+
+
+def llm_body_problem(body: bytes, doc: Any = None) -> str | None:
+    """Why this model call's raw body cannot be read unambiguously, or None when it can.
+
+    A rule on the model or a tool holds only if the upstream reads the same member Bastion reads. Parsers
+    disagree on a member given twice (most keep the last, some the first), and Go's encoding/json (Ollama, many
+    gateways) reads `"Model"`, or `"stream"` spelled with a long s (U+017F), as `model` / `stream`. So this
+    reports the deciding members of the top-level object (_DECIDING_MEMBERS) given twice or in another letter
+    case, and the same for the members that name a tool (_NAME_MEMBERS) inside `tools`, `functions`,
+    `tool_choice` and `function_call`.
+
+    `doc` is the body as `json.loads` read it. With it, the top-level case variants show in `doc` itself; two
+    regex passes over the raw body find every plain spelling of a deciding member and any member name with an
+    escaped letter; and only the value of `tools` (and the other _TOOL_MEMBERS) is parsed again, keeping
+    duplicates. Bodies that give a hint of a problem (a deciding member spelled plainly more than once anywhere,
+    an escaped letter in a member name, a non-UTF-8 encoding) get the exact check: a full parse keeping
+    duplicates. Without `doc`, the exact check runs at once. Never raises on malformed input."""
+    if not isinstance(doc, dict):
+        return None if doc is not None else _exact_body_problem(body)
+    if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
+        return _exact_body_problem(body)
+    problem = _members_problem(doc.items(), _DECIDING_MEMBERS, " at the top level")
+    if problem is not None:
+        return problem
+    if b"\\u00" in body and _ESCAPED_NAME.search(body) is not None:
+        return _exact_body_problem(body)
+    plain: dict[str, list[int]] = {}
+    for member in _PLAIN_MEMBER.finditer(body):
+        plain.setdefault(member.group(1).decode(), []).append(member.end())
+    if any(len(plain.get(key, ())) > 1 for key in doc.keys() & _DECIDING_MEMBERS):
+        return _exact_body_problem(body)
+    for key in _TOOL_MEMBERS:
+        if not isinstance(doc.get(key), (dict, list)):
+            continue
+        # The one plain spelling is the top-level member (no escaped one exists): read its value with duplicates.
+        try:
+            problem = _tool_member_problem(key, _value_at(body, plain[key][0]))
+        except (KeyError, ValueError, RecursionError):
+            return _exact_body_problem(body)
+        if problem is not None:
+            return problem
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -677,13 +895,13 @@ class LlmResponseObserver:
         first_token = None
         if self.first_token_at is not None and sent_at is not None:
             first_token = round(self.first_token_at - sent_at, 6)
-        return {
+        facts: dict[str, Any] = {
             "provider": request.provider, "api": request.api, "operation": request.operation,
             "request_model": request.model,
             "response_model": self.response_model,
             "model": self.response_model or request.model,
             "stream": request.stream or self.streamed,
-            "tools": list(request.tools),
+            "tools": request.audited_tools(),
             "tool_calls": [call.to_json() for call in self._tool_calls.values()],
             "finish_reasons": list(self._finish_reasons),
             "response_id": self.response_id,
@@ -693,6 +911,9 @@ class LlmResponseObserver:
             "complete": self._complete if complete is None else complete,
             "error": dict(self._error) if self._error is not None else None,
         }
+        if request.body_model is not None and request.body_model != request.model:
+            facts["body_model"] = request.body_model
+        return facts
 
 
 def _item_key(doc: dict[str, Any], item: dict[str, Any] | None = None) -> Any:
