@@ -212,6 +212,22 @@ def test_an_upstream_that_refuses_the_connection_gets_a_json_502(server: Bastion
     assert resp.headers["X-Bastion-Request-Id"] == err["request_id"]
 
 
+def test_a_json_rpc_call_to_an_unreachable_upstream_gets_a_json_rpc_502(server: BastionServer) -> None:
+    """An MCP client reads a JSON-RPC error body whatever the status: it shows Bastion's message for its call."""
+    port = free_port()  # nothing listens there
+    call = {"jsonrpc": "2.0", "id": 41, "method": "tools/call", "params": {"name": "search", "arguments": {}}}
+    resp = server.session(*SUPPORT).post(f"http://127.0.0.1:{port}/mcp", json=call, timeout=20,
+                                         headers={"Accept": "application/json, text/event-stream"})
+    assert resp.status_code == 502
+    body = resp.json()
+    assert (body["jsonrpc"], body["id"]) == ("2.0", 41) and set(body) == {"jsonrpc", "id", "error"}
+    err = body["error"]
+    assert err["type"] == "upstream_unreachable" and err["code"] == -32000
+    assert err["message"].startswith(f"Bastion could not get an answer from 127.0.0.1:{port}")
+    assert err["data"]["type"] == "upstream_unreachable"
+    assert resp.headers["X-Bastion-Request-Id"] == err["data"]["request_id"]
+
+
 def test_an_upstream_that_resets_before_answering_gets_a_json_502(server: BastionServer) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]

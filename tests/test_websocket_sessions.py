@@ -9,10 +9,15 @@ the `websockets` client connecting through the proxy (HTTP CONNECT with credenti
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hashlib
 import json
+import os
 import re
+import socket
 import ssl
+import struct
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -36,7 +41,8 @@ from wsproto.frame_protocol import Opcode
 from bastion.audit.record import AuditRecord
 from bastion.policy.facts import RequestFacts
 from bastion.proxy import flowmeta
-from bastion.proxy.wsession import WebSocketSessions, cut_close_reason, message_facts
+from bastion.proxy.httplimits import BASTION_CLOSE, MESSAGE_TOO_BIG, WEBSOCKET_MESSAGE_LIMIT
+from bastion.proxy.wsession import WebSocketSessions, cut_close_reason, looks_like_json, message_facts
 
 TOKENS = {"ws-bot": "ws-token", "ws-shadow": "shadow-token"}
 MAX_BODY = 65536
@@ -421,21 +427,211 @@ async def test_close_reason_is_cut_to_123_bytes(proxy: Proxy, ws_upstream: WsUps
     assert got["close"] == {"code": 1008, "reason": reason, "by": "bastion"}
 
 
-async def test_text_that_is_not_json_and_binary_pass_unchecked(proxy: Proxy, ws_upstream: WsUpstream) -> None:
+async def test_messages_that_do_not_look_like_json_pass_unchecked(proxy: Proxy, ws_upstream: WsUpstream) -> None:
     sid = uuid.uuid4().hex
-    cut_call = rpc("drop_database")[:-1]  # not JSON any more
-    as_binary = rpc("drop_database").encode()
+    blob = b"\x00\x01drop_database" + bytes(range(256))
     async with session(proxy, ws_upstream.url("ws", sid)) as ws:
         rid = request_id(ws)
-        for text in ("drop_database", cut_call):
+        for text in ("drop_database", "  tools/call drop_database {}"):
             await ws.send(text)
             assert await ws.recv() == f"echo: {text}"
-        await ws.send(as_binary)
-        assert await ws.recv() == as_binary
-    assert ws_upstream.received[sid] == ["drop_database", cut_call, as_binary]
+        await ws.send(blob)
+        assert await ws.recv() == blob
+    assert ws_upstream.received[sid] == ["drop_database", "  tools/call drop_database {}", blob]
     got = (await record_of(proxy, rid)).extra["websocket"]
     assert not any(m["refused"] for m in got["messages"]) and got["total"] == 6
     assert got["close"] == {"code": 1000, "reason": "", "by": "client"}
+
+
+async def test_binary_json_is_judged_like_text(proxy: Proxy, ws_upstream: WsUpstream) -> None:
+    """Servers read a binary message as JSON as readily as a text one (`json.loads(bytes)`)."""
+    sid = uuid.uuid4().hex
+    allowed, denied = rpc("search").encode(), rpc("drop_database", 2).encode()
+    async with session(proxy, ws_upstream.url("ws", sid)) as ws:
+        rid = request_id(ws)
+        await ws.send(allowed)
+        assert await ws.recv() == allowed
+        await ws.send(denied)
+        assert await closed_by_proxy(ws) == (1008, DENIED)
+    assert ws_upstream.received[sid] == [allowed]
+    got = (await record_of(proxy, rid)).extra["websocket"]
+    assert [(m["type"], m["refused"]) for m in got["messages"]] == [
+        ("binary", False), ("binary", False), ("binary", True)]
+    assert got["close"] == {"code": 1008, "reason": DENIED, "by": "bastion"}
+
+
+_DEEP = 30000
+UNREADABLE = {  # messages Python's json refuses, that other servers read; each would carry a session.update
+    "a 5000-digit number": '{"type": "session.update", "n": ' + "9" * 5000 + "}",
+    "30000-deep nesting": '{"type": "session.update", "x": ' + "[" * _DEEP + "]" * _DEEP + "}",
+    "trailing data": '{"type": "response.create"}\n{"type": "session.update"}',
+    "over the size limit after whitespace": " " * 100 + '{"type": "session.update", "pad": "' + "p" * (1 << 20) + '"}',
+    "a cut object": '{"type": "session.update"',
+}
+
+
+@pytest.mark.parametrize("name", list(UNREADABLE))
+async def test_json_that_cannot_be_read_fails_closed(proxy: Proxy, ws_upstream: WsUpstream, name: str) -> None:
+    """A message that starts like JSON is judged even when it cannot be parsed: its `json` conditions fail
+    closed, so the deny rule applies and the message never reaches the upstream."""
+    sid = uuid.uuid4().hex
+    message = UNREADABLE[name]
+    async with session(proxy, ws_upstream.url("ws", sid, "/json-realtime")) as ws:
+        rid = request_id(ws)
+        await ws.send(message)
+        code, reason = await closed_by_proxy(ws)
+    assert code == 1008 and reason.startswith(NO_UPDATE)
+    assert await ws_upstream.closed(sid) == (1008, reason)
+    assert ws_upstream.received[sid] == []
+    got = (await record_of(proxy, rid)).extra["websocket"]
+    assert [m["refused"] for m in got["messages"]] == [True]
+    assert got["close"] == {"code": 1008, "reason": reason, "by": "bastion"}
+
+
+UNREADABLE_CALLS = {
+    "a 5000-digit number": rpc("drop_database")[:-1] + ', "n": ' + "9" * 5000 + "}",
+    "a second value": json.dumps({"jsonrpc": "2.0", "id": 0, "method": "ping"}) + "\n" + rpc("drop_database"),
+    "30000-deep nesting": rpc("drop_database")[:-1] + ', "x": ' + "[" * _DEEP + "]" * _DEEP + "}",
+}
+
+
+@pytest.mark.parametrize("name", list(UNREADABLE_CALLS))
+async def test_json_rpc_calls_python_cannot_parse_are_judged(proxy: Proxy, ws_upstream: WsUpstream,
+                                                             name: str) -> None:
+    sid = uuid.uuid4().hex
+    async with session(proxy, ws_upstream.url("ws", sid)) as ws:
+        await ws.send(UNREADABLE_CALLS[name])
+        code, _ = await closed_by_proxy(ws)
+    assert code == 1008  # every deny rule with an `mcp` condition on /realtime applies: one of them closes it
+    assert (await ws_upstream.closed(sid))[0] == 1008
+    assert ws_upstream.received[sid] == []
+
+
+async def test_a_deflate_offer_gets_a_session_without_compression(proxy: Proxy, ws_upstream: WsUpstream) -> None:
+    """permessage-deflate would be inflated whole by the proxy before any rule saw the message (a megabyte on
+    the wire inflates to gigabytes): the agent's offer is removed, so the session runs uncompressed."""
+    sid = uuid.uuid4().hex
+    async with connect(ws_upstream.url("ws", sid), proxy=proxy.server.proxy_url("ws-bot", TOKENS["ws-bot"]),
+                       compression="deflate", open_timeout=10, close_timeout=5) as ws:
+        assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
+        assert ws.protocol.extensions == []
+        await ws.send("x" * 10000)
+        assert await ws.recv() == "echo: " + "x" * 10000
+    assert ws_upstream.received[sid] == ["x" * 10000]
+
+
+# -- message size -----------------------------------------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    """The process's resident memory (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@contextmanager
+def peak_rss(pid: int) -> Iterator[list[int]]:
+    """Samples the process's VmRSS until the block ends; yields a list whose only item is the highest seen."""
+    peak = [rss_bytes(pid)]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.01):
+            peak[0] = max(peak[0], rss_bytes(pid))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+TOO_BIG_REASON = f"Message too big: WebSocket messages through Bastion are limited to {WEBSOCKET_MESSAGE_LIMIT} bytes."
+
+
+async def test_a_message_over_the_size_limit_closes_the_session(proxy: Proxy, ws_upstream: WsUpstream) -> None:
+    """A 40 MiB message in 1 MiB fragments: the proxy stops buffering it at the limit (16 MiB) and closes the
+    session with 1009 on both sides; its memory does not grow by the message's size."""
+    sid = uuid.uuid4().hex
+    pid = proxy.server.proc.pid
+    fragment = b"f" * (1 << 20)
+
+    async def fragments() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield fragment
+
+    async with session(proxy, ws_upstream.url("ws", sid)) as ws:
+        rid = request_id(ws)
+        await ws.send("before")
+        assert await ws.recv() == "echo: before"
+        before = rss_bytes(pid)
+        with peak_rss(pid) as peak:
+            with contextlib.suppress(ConnectionClosed):  # the close may come while the fragments still go
+                await ws.send(fragments())
+            assert await closed_by_proxy(ws) == (MESSAGE_TOO_BIG, TOO_BIG_REASON)
+        after = rss_bytes(pid)
+
+    assert after - before < 20 << 20, f"the proxy grew by {(after - before) >> 20} MiB"
+    assert peak[0] - before < 40 << 20, f"the proxy held {(peak[0] - before) >> 20} MiB: the whole message"
+    assert await ws_upstream.closed(sid) == (MESSAGE_TOO_BIG, TOO_BIG_REASON)
+    assert ws_upstream.received[sid] == ["before"]
+    got = (await record_of(proxy, rid)).extra["websocket"]
+    assert [m["dir"] for m in got["messages"]] == ["client", "server"]  # the oversized one never completed
+    assert got["close"] == {"code": MESSAGE_TOO_BIG, "reason": TOO_BIG_REASON, "by": "bastion"}
+    proxy.server.wait_for_log(rf"closing websocket 127\.0\.0\.1/realtime: a client message passed "
+                              rf"{WEBSOCKET_MESSAGE_LIMIT} bytes \(request_id={rid}\)")
+
+
+def raw_upgrade(proxy: Proxy, url: str) -> socket.socket:
+    """A WebSocket session through the proxy on a plain socket (absolute-form upgrade), for frames no client
+    library sends."""
+    target = url.replace("ws://", "http://", 1)
+    authority = target.split("/")[2]
+    credentials = base64.b64encode(f"ws-bot:{TOKENS['ws-bot']}".encode()).decode()
+    s = socket.create_connection(("127.0.0.1", proxy.server.proxy_port), timeout=20)
+    s.sendall((f"GET {target} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Basic {credentials}\r\n"
+               f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+               f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        assert chunk, f"the proxy closed before answering the upgrade: {head!r}"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    assert head.endswith(b"\r\n\r\n"), "the proxy sent frames before any message"
+    return s
+
+
+def close_frame_of(s: socket.socket) -> tuple[int, str]:
+    """Code and reason of the first frame the proxy sends, which must be a close."""
+    data = b""
+    while len(data) < 2 or len(data) < 2 + (data[1] & 0x7F):
+        chunk = s.recv(4096)
+        assert chunk, f"the connection ended without a close frame: {data!r}"
+        data += chunk
+    assert data[0] == 0x88, data
+    payload = data[2:2 + (data[1] & 0x7F)]
+    return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+
+
+def test_endless_empty_fragments_count_against_the_limit(proxy: Proxy, ws_upstream: WsUpstream) -> None:
+    """mitmproxy keeps an entry for every frame of a message: empty continuation frames cost memory too, and
+    count against the limit."""
+    sid = uuid.uuid4().hex
+    s = raw_upgrade(proxy, ws_upstream.url("ws", sid))
+    with s:
+        first = struct.pack("!BB", 0x01, 0x80) + b"\0\0\0\0"  # text, not final, masked, empty
+        empty = struct.pack("!BB", 0x00, 0x80) + b"\0\0\0\0"  # continuation, not final, masked, empty
+        frames = WEBSOCKET_MESSAGE_LIMIT // 64 + 1000
+        with contextlib.suppress(OSError):  # the proxy may close while frames are still going
+            s.sendall(first + empty * frames)
+        assert close_frame_of(s) == (MESSAGE_TOO_BIG, TOO_BIG_REASON)
+    assert asyncio.run(ws_upstream.closed(sid)) == (MESSAGE_TOO_BIG, TOO_BIG_REASON)
+    assert ws_upstream.received.get(sid, []) == []
 
 
 async def test_report_mode_logs_and_does_not_close(proxy: Proxy, ws_upstream: WsUpstream) -> None:
@@ -524,23 +720,108 @@ def deliver(stage: Any, flow: Any, content: bytes, *, from_client: bool = True, 
     return message
 
 
-def test_only_json_text_from_the_client_is_checked(tmp_path: Path) -> None:
+def test_client_messages_that_look_like_json_are_checked(tmp_path: Path) -> None:
     stage = WebSocketSessions(NoConnections())
     flow = unit_flow(tmp_path)
     stage.websocket_start(flow)
-    # Every deny rule with a json condition fails closed on text that is not JSON: it must not be judged at all.
+    # Every deny rule with a json condition fails closed on what cannot be parsed: plain text is not judged.
     assert not deliver(stage, flow, b"hello").dropped
-    assert not deliver(stage, flow, b'{"type": "x"', text=True).dropped
-    assert not deliver(stage, flow, b'{"type": "x"}', text=False).dropped  # binary
+    assert not deliver(stage, flow, b"type x", text=False).dropped
     assert not deliver(stage, flow, b'{"type": "x"}', from_client=False).dropped  # from the upstream
     assert not deliver(stage, flow, b'{"type": "z"}').dropped
-    assert deliver(stage, flow, b'{"type": "x"}').dropped
+    assert not deliver(stage, flow, b'{"type": "z"}', text=False).dropped
+    assert deliver(stage, flow, b'{"type": "x"}', text=False).dropped  # binary: judged like text
     assert deliver(stage, flow, b"after the refusal", from_client=False).dropped  # nothing more goes through
     stage.websocket_end(flow)
     record = flow.metadata["bastion.traffic"]["websocket"]
     assert [m["refused"] for m in record["messages"]] == [False] * 5 + [True, True]
     # No live connection to send a close frame on: the connection is cut, and the record says so.
     assert record["close"] == {"code": None, "reason": "Denied by rule no-x.", "by": "bastion"}
+
+
+@pytest.mark.parametrize("content", [
+    b'{"type": "x"',                                     # cut
+    b'{"type": "z"} {"type": "x"}',                      # two values (Go's json.Decoder reads the first)
+    b'{"type": "z", "n": ' + b"1" * 5000 + b"}",         # past Python's int digits limit (Node reads it)
+    b'{"type": "z", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}",  # RecursionError in Python's json
+    b"\xef\xbb\xbf \r\n\t" + b'{"type": "z", "bad": tru}',  # BOM, whitespace
+    ' {"type": "z", "bad": }'.encode("utf-16-le"),       # UTF-16, which Python's json.loads(bytes) reads
+], ids=["cut", "two-values", "long-number", "deep", "bom", "utf-16"])
+def test_json_that_cannot_be_parsed_fails_closed(tmp_path: Path, content: bytes) -> None:
+    stage = WebSocketSessions(NoConnections())
+    for text in (True, False):
+        flow = unit_flow(tmp_path)
+        stage.websocket_start(flow)
+        assert deliver(stage, flow, content, text=text).dropped
+        assert "rule no-x could not evaluate this request and fails closed" in flow.metadata[
+            "bastion.wsession"].closing
+
+
+def test_readable_wide_json_is_judged_by_its_content(tmp_path: Path) -> None:
+    stage = WebSocketSessions(NoConnections())
+    flow = unit_flow(tmp_path)
+    stage.websocket_start(flow)
+    assert not deliver(stage, flow, '{"type": "z"}'.encode("utf-32"), text=False).dropped
+    assert deliver(stage, flow, '\n{"type": "x"}'.encode("utf-16-be"), text=False).dropped
+
+
+def test_looks_like_json() -> None:
+    assert looks_like_json(b'{"a": 1}') and looks_like_json(b"[1]") and looks_like_json(b"{")
+    assert looks_like_json(b" " * 100_000 + b"{")  # the whole message is scanned, not a head of it
+    assert looks_like_json(b"\xef\xbb\xbf\r\n\t {}") and looks_like_json(b"\f\v[")
+    for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):
+        assert looks_like_json(' \n{"a": 1}'.encode(encoding)), encoding
+        assert not looks_like_json(" \nhello".encode(encoding)), encoding
+    for content in (b"", b"   ", b"hello {", b'"{}"', b"1", b"\xef\xbb\xbf", b"\x00\x01{}", b"\xff\xd8\xff{",
+                    b"\xef\xbb\xbf\xef\xbb\xbf{}", b" " * 100_000 + b"x{"):
+        assert not looks_like_json(content), content
+
+
+class ExplodingPolicy:
+    def evaluate(self, facts: RequestFacts, agent: str) -> Any:
+        raise RuntimeError("boom")
+
+
+def test_any_error_while_judging_refuses_the_message(tmp_path: Path) -> None:
+    """mitmproxy logs an addon's exception and relays the message: the stage must refuse it instead."""
+    stage = WebSocketSessions(NoConnections())
+    flow = unit_flow(tmp_path)
+    stage.websocket_start(flow)
+    flow.metadata["bastion.wsession"].policy = ExplodingPolicy()
+    assert not deliver(stage, flow, b"plain text is not judged").dropped
+    assert deliver(stage, flow, b'{"type": "z"}').dropped
+    assert flow.metadata["bastion.wsession"].closing == "Bastion could not check this message; the session was closed."
+
+
+def test_errors_outside_the_rules_refuse_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stage = WebSocketSessions(NoConnections())
+    flow = unit_flow(tmp_path)
+    stage.websocket_start(flow)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("broken record")
+
+    monkeypatch.setattr(stage, "_note", broken)
+    assert deliver(stage, flow, b"hello").dropped
+    assert flow.metadata["bastion.wsession"].closing == "Bastion could not check this message; the session was closed."
+
+
+def test_a_close_bastion_started_is_recorded_as_bastion_s(tmp_path: Path) -> None:
+    stage = WebSocketSessions(NoConnections())
+    flow = unit_flow(tmp_path)
+    stage.websocket_start(flow)
+    flow.metadata[BASTION_CLOSE] = (MESSAGE_TOO_BIG, "too big")
+    flow.websocket.close_code, flow.websocket.close_reason, flow.websocket.closed_by_client = 1009, "too big", True
+    stage.websocket_end(flow)
+    assert flow.metadata["bastion.traffic"]["websocket"]["close"] == {"code": 1009, "reason": "too big",
+                                                                       "by": "bastion"}
+    # The peer's own close, when it came before Bastion's went out, is the peer's.
+    other = unit_flow(tmp_path)
+    stage.websocket_start(other)
+    other.metadata[BASTION_CLOSE] = (MESSAGE_TOO_BIG, "too big")
+    other.websocket.close_code, other.websocket.close_reason, other.websocket.closed_by_client = 1000, "", False
+    stage.websocket_end(other)
+    assert other.metadata["bastion.traffic"]["websocket"]["close"] == {"code": 1000, "reason": "", "by": "server"}
 
 
 def test_json_over_the_size_limit_fails_closed(tmp_path: Path) -> None:

@@ -9,31 +9,47 @@ calls `websocket_message` for each message, in either direction, before relaying
   at most `max_text_chars` characters of each text message, a sha256 (and no content) for a binary one, at most
   `max_messages` entries and `max_text_bytes` bytes of kept text per session. Past a bound, messages are still
   counted (`total`, `bytes`), only no longer listed.
-- checks each client text message that holds JSON against the rules, as if it were the body of the upgrade
-  request (same method, URL and headers): the rules that match the session's URL decide, `json` conditions
-  included. A deny (or a hold: nobody can approve a message while the session waits, and a task lock, which
-  cannot be taken for a single message) drops the message, so it never reaches the upstream, and closes the
-  session with code 1008 and the rule's message as the reason. In report mode the refusal is logged only.
-  Binary messages, text that is not JSON, and server messages are recorded but not checked.
+- checks each client message that looks like JSON (`looks_like_json`), text or binary, against the rules, as if
+  it were the body of the upgrade request (same method, URL and headers): the rules that match the session's
+  URL decide, `json`, `mcp` and `llm` conditions included. A deny (or a hold: nobody can approve a message
+  while the session waits, and a task lock, which cannot be taken for a single message) drops the message, so
+  it never reaches the upstream, and closes the session with code 1008 and the rule's message as the reason.
+  In report mode the refusal is logged only. Messages that do not look like JSON, and server messages, are
+  recorded but not checked.
 
-Why JSON-only: rules speak about JSON bodies; evaluating a plain-text message would make every deny rule with a
-`json` condition apply to it (conditions that cannot be evaluated fail closed), so chat-style text protocols
-could not pass at all.
+Why "looks like JSON" and not "parses as JSON": servers read what Python's json refuses (Node reads numbers of
+any length, Go's json.Decoder stops after the first value and ignores what follows, some parsers nest deeper),
+and a binary message is as readable as a text one (`json.loads(bytes)`, `JSON.parse(buffer)`). So a message
+is judged when its first significant byte says it is a JSON object or array: after an optional UTF-8 BOM and
+JSON whitespace (also form feed and vertical tab, which lenient parsers skip), `{` or `[`, anywhere in the
+message (one C-level regex scan), or the same in UTF-16/32, which Python's json detects by a BOM or NUL bytes.
+One that then cannot be parsed (too large, too deep, a huge number, trailing data) is judged like a body that
+cannot be: its `json`, `mcp` and `llm` conditions fail closed, so deny and hold rules with such conditions
+apply and allow rules with them do not. Anything that goes wrong while judging a message refuses it: it is
+never relayed unjudged. Why not every message: evaluating plain text would make every deny rule with a
+`json` condition apply to it, so chat-style text protocols could not pass at all.
+
+Message size: mitmproxy assembles a whole message before this stage sees it; `bastion.proxy.httplimits`
+bounds that (`WEBSOCKET_MESSAGE_LIMIT`) and closes a session whose message passes it with 1009. Such a close,
+like a 1008 of this stage, is recorded as closed by Bastion (`httplimits.BASTION_CLOSE` on the flow).
 
 Closing: mitmproxy 12 has no API to close a WebSocket from an addon (mitmproxy issue #4773), only one to inject
 messages. The stage finds the session's `WebsocketLayer` (walking the client connection's layer tree), queues a
 close frame on its client side and injects an empty client message to make the layer process it: the layer then
 closes both sides exactly as when a client closes (1008 and the reason to the client and to the upstream),
 calls `websocket_end` and stops relaying. The empty message, and anything either side sends while the session
-closes, is dropped. Should the layer not be found (a mitmproxy change), the client connection is cut instead:
-fail closed, a refused session never keeps talking.
+closes, is dropped. (`httplimits` makes the layer half-close the TCP connections of a close Bastion started, so
+that a client still sending gets the close frame instead of a reset.) Should the layer not be found (a
+mitmproxy change), the client connection is cut instead: fail closed, a refused session never keeps talking.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,8 +66,9 @@ from wsproto.frame_protocol import Opcode
 from bastion import metrics
 from bastion.audit.settings import DEFAULT_MAX_BODY_BYTES
 from bastion.policy.decision import Decision
-from bastion.policy.facts import EvalError, RequestFacts
+from bastion.policy.facts import RequestFacts
 from bastion.proxy import flowmeta
+from bastion.proxy.httplimits import BASTION_CLOSE, close_by_bastion
 
 log = logging.getLogger("bastion.proxy")
 
@@ -68,7 +85,9 @@ _MAX_LAYERS = 256  # layers visited looking for a session's WebsocketLayer (a co
 _STATE = "bastion.wsession"
 _RESET_CACHES = {f.name: f.default for f in dataclasses.fields(RequestFacts)  # what facts parsed of the body
                  if f.name.startswith("_") and f.default is not dataclasses.MISSING}
-_JSON_START = frozenset(b"{[")
+_GENERIC_REFUSAL = "Bastion could not check this message; the session was closed."
+_UTF8_BOM = codecs.BOM_UTF8
+_FIRST_SIGNIFICANT = re.compile(rb"[^ \t\r\n\f\v]")
 _COUNTERS = {True: metrics.WEBSOCKET_MESSAGES.labels("client"), False: metrics.WEBSOCKET_MESSAGES.labels("server")}
 
 
@@ -129,13 +148,22 @@ class WebSocketSessions:
         if session is None or ws is None or not ws.messages:
             return
         message = ws.messages[-1]
+        try:
+            self._handle(flow, session, message)
+        except Exception:  # mitmproxy would log it and relay the message: refuse it instead
+            log.exception("websocket message handling failed (request_id=%s)", flow.metadata.get(flowmeta.REQUEST_ID))
+            message.drop()
+            if session.closing is None:
+                self._refuse(flow, session, _GENERIC_REFUSAL)
+
+    def _handle(self, flow: http.HTTPFlow, session: _Session, message: WebSocketMessage) -> None:
         if session.closing is not None:  # refused: nothing more goes through, either way
             message.drop()
             if not message.injected:  # the empty message that drives the close is Bastion's own
                 self._note(session, message, refused=True)
             return
         refusal = None
-        if message.from_client and message.is_text and not message.injected:
+        if message.from_client and not message.injected:
             refusal = self._check(flow, session, message.content)
         if refusal is not None:
             message.drop()
@@ -150,9 +178,9 @@ class WebSocketSessions:
             return
         reason = ws.close_reason if isinstance(ws.close_reason, str) else ""
         code = ws.close_code if isinstance(ws.close_code, int) else None
-        if session.closing is not None and (session.cut or (code == POLICY_VIOLATION and reason == session.closing)):
-            session.record["close"] = {"code": None if session.cut else POLICY_VIOLATION,
-                                       "reason": session.closing, "by": "bastion"}
+        ours = flow.metadata.get(BASTION_CLOSE)  # (code, reason) of the close Bastion started, if it did
+        if ours is not None and (session.cut or (code, reason) == ours):
+            session.record["close"] = {"code": None if session.cut else ours[0], "reason": ours[1], "by": "bastion"}
         else:  # the peer's own close (also when it closed before Bastion's close went out)
             session.record["close"] = {"code": code, "reason": cut_close_reason(reason),
                                        "by": "client" if ws.closed_by_client else "server"}
@@ -202,22 +230,25 @@ class WebSocketSessions:
     # -- the policy -----------------------------------------------------------------------------------------
 
     def _check(self, flow: http.HTTPFlow, session: _Session, content: bytes) -> str | None:
-        """The close reason when the rules refuse this client text message; None when it may pass (or is not
-        JSON, and so is not checked)."""
-        base, policy, agent = session.facts, session.policy, session.agent
-        if base is None or policy is None or agent is None:  # should not happen: the upgrade was decided
-            return "Bastion cannot check this session's messages; the session was closed." if _holds_json(
-                content, None) else None
-        facts = message_facts(base, content)
+        """The close reason when the rules refuse this client message; None when it may pass (or does not look
+        like JSON, and so is not checked). Never raises: a message whose check failed is refused."""
         try:
-            decision: Decision = policy.evaluate(facts, agent)
+            if not looks_like_json(content):
+                return None
+            return self._judge(flow, session, content)
         except Exception:  # never let a message through whose decision failed
             log.exception("policy evaluation of a websocket message failed (request_id=%s)",
                           flow.metadata.get(flowmeta.REQUEST_ID))
-            return ("Bastion could not evaluate this message; the session was closed."
-                    if _holds_json(content, facts) else None)
-        refuses = decision.would_effect != "allow" or decision.locks or decision.releases
-        if not refuses or not _holds_json(content, facts):
+            return _GENERIC_REFUSAL
+
+    def _judge(self, flow: http.HTTPFlow, session: _Session, content: bytes) -> str | None:
+        """The rules' verdict on a message that looks like JSON: the close reason, or None to let it pass."""
+        base, policy, agent = session.facts, session.policy, session.agent
+        if base is None or policy is None or agent is None:  # should not happen: the upgrade was decided
+            return "Bastion cannot check this session's messages; the session was closed."
+        facts = message_facts(base, content)
+        decision: Decision = policy.evaluate(facts, agent)
+        if not (decision.would_effect != "allow" or decision.locks or decision.releases):
             return None
         reason = refusal_reason(decision)
         if decision.mode == "report":
@@ -230,6 +261,7 @@ class WebSocketSessions:
     def _refuse(self, flow: http.HTTPFlow, session: _Session, reason: str) -> None:
         """Close the session: 1008 and `reason` to both sides (or cut the connection, if that fails)."""
         session.closing = cut_close_reason(reason)
+        close_by_bastion(flow, POLICY_VIOLATION, session.closing)
         metrics.WEBSOCKET_REFUSALS.inc()
         if log.isEnabledFor(logging.INFO):
             req = flow.request
@@ -267,18 +299,50 @@ def message_facts(base: RequestFacts, content: bytes) -> RequestFacts:
     return dataclasses.replace(base, body=content, **_RESET_CACHES)
 
 
-def _holds_json(content: bytes, facts: RequestFacts | None) -> bool:
-    """Is this message JSON? Parsed once (into `facts`' cache). A message over the JSON size limit that starts
-    like a JSON object or array counts as JSON: its `json` conditions then fail closed, as for a large body."""
-    limit = facts.body_limit if facts is not None else 1 << 20
-    if len(content) > limit or facts is None:
-        first = content[:64].lstrip()[:1]
-        return bool(first) and first[0] in _JSON_START
-    try:
-        facts.json()
-    except EvalError:
-        return False
-    return True
+def looks_like_json(content: bytes) -> bool:
+    """Does this message start like a JSON object or array, as some server may read it? True when its first
+    byte that is not JSON whitespace (space, tab, CR, LF; also form feed and vertical tab), after an optional
+    UTF-8 BOM, is `{` or `[`, however much whitespace comes first; or when it is UTF-16/32 (as
+    `json.detect_encoding` tells by a BOM or NUL bytes) whose first such character is `{` or `[`. Whether it
+    then parses does not matter (see the module docstring). Cheap: one regex scan that stops at the first
+    significant character, no copy."""
+    wide = _wide_encoding(content)
+    if wide is not None:
+        encoding, start = wide
+        return _WIDE_OPENING[encoding].match(content, start) is not None
+    first = _FIRST_SIGNIFICANT.search(content, len(_UTF8_BOM) if content.startswith(_UTF8_BOM) else 0)
+    return first is not None and content[first.start()] in b"{["
+
+
+def _wide_encoding(content: bytes) -> tuple[str, int] | None:
+    """(encoding, BOM length) when Python's json reads `content` as UTF-16/32 (`json.detect_encoding`'s rules,
+    with the byte order a BOM gives spelled out), else None (UTF-8)."""
+    for bom, encoding in _WIDE_BOMS:
+        if content.startswith(bom):
+            return encoding, len(bom)
+    if len(content) >= 4:
+        if not content[0]:
+            return ("utf-16-be" if content[1] else "utf-32-be"), 0
+        if not content[1]:
+            return ("utf-16-le" if content[2] or content[3] else "utf-32-le"), 0
+    return None
+
+
+def _opening(unit: Callable[[bytes], bytes]) -> re.Pattern[bytes]:
+    """JSON whitespace, then `{` or `[`, each character written as `unit(its ASCII byte)`."""
+    space = b"|".join(re.escape(unit(bytes([c]))) for c in b" \t\r\n\f\v")
+    opening = b"|".join(re.escape(unit(bytes([c]))) for c in b"{[")
+    return re.compile(b"(?:" + space + b")*+(?:" + opening + b")")  # possessive: the units never overlap
+
+
+_WIDE_BOMS = ((codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF32_LE, "utf-32-le"),  # UTF-32 first: FF FE 00 00
+              (codecs.BOM_UTF16_BE, "utf-16-be"), (codecs.BOM_UTF16_LE, "utf-16-le"))
+_WIDE_OPENING = {
+    "utf-16-be": _opening(lambda c: b"\0" + c),
+    "utf-16-le": _opening(lambda c: c + b"\0"),
+    "utf-32-be": _opening(lambda c: b"\0\0\0" + c),
+    "utf-32-le": _opening(lambda c: c + b"\0\0\0"),
+}
 
 
 def refusal_reason(decision: Decision) -> str:
