@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "bastion.proxy.commands",
     "bastion.coord.commands",
     "bastion.coord.approval_commands",
+    "bastion.coord.fleet_commands",
     "bastion.audit.commands",
     "bastion.dashboard.standalone",
 )

@@ -11,7 +11,7 @@ never block: everything here reads in-memory state or awaits. Routes:
 - `POST /api/rules/reload`: reload now (role `admin`); 200 when the new policy is active, 422 with the
   `FILE:LINE` errors when it is invalid (the old policy stays).
 
-Other areas add their routes (`locks_api`, `flows_api`, `approvals_api`); the HTML pages and their forms
+Other areas add their routes (`locks_api`, `flows_api`, `approvals_api`, `fleet_api`); the HTML pages and their forms
 are `pages` and `forms`, over the same stores, behind the same authentication (`auth`: Bearer tokens or a
 browser session, CSRF-checked) and with the same headers on every answer (`security`: CSP and friends).
 """
@@ -55,7 +55,8 @@ READY_CHECKS = web.AppKey("bastion_ready_checks", list)
 
 def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyCheck]] = (),
                lock_store: Any = None, audit_store: Any = None, approval_store: Any = None,
-               notify: Any = None, home: Path | None = None, mode: str = "sidecar") -> web.Application:
+               notify: Any = None, fleet_store: Any = None, home: Path | None = None,
+               mode: str = "sidecar") -> web.Application:
     """The admin app. `home` keeps the sessions' key (`<home>/dashboard.key`), so sessions outlive a
     restart; `mode` is "sidecar" or "dashboard" (`bastion dashboard`: no proxy of its own)."""
     import aiohttp_jinja2
@@ -84,6 +85,8 @@ def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyC
     app[aiohttp_jinja2.static_root_key] = "/static"
     env.filters.update(pages.FILTERS)
     env.globals["lock_path"] = forms.lock_path
+    env.globals["agent_path"] = forms.agent_path
+    env.globals["milestone_path"] = forms.milestone_path
     app.router.add_static("/static/", HERE / "static", append_version=True)
     app.router.add_get("/login", forms.login_page)
     app.router.add_post("/login", forms.login)
@@ -99,6 +102,11 @@ def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyC
     app.router.add_post(r"/locks/{key:[\s\S]+}/{action:release|handoff}", forms.lock_action)
     app.router.add_get("/agents", pages.agents)
     app.router.add_get("/api/agents", pages.agents_json)
+    app.router.add_post("/agents/{name}/{action:pause|resume}", forms.agent_action)
+    app.router.add_get("/milestones", pages.milestones)
+    app.router.add_post("/milestones", forms.milestone_new)
+    app.router.add_post(r"/milestones/{key:[\s\S]+}/{action:complete|clear}", forms.milestone_action)
+    app.router.add_get("/budgets", pages.budgets)
     app.router.add_get("/rules", pages.rules)
     app.router.add_post("/rules/reload", forms.reload_rules)
     app.router.add_get("/healthz", healthz)
@@ -118,6 +126,10 @@ def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyC
         from bastion.dashboard import approvals_api
 
         approvals_api.install(app, approval_store, notify)
+    if fleet_store is not None:  # a `bastion.coord.fleet.FleetStore`: pauses, milestones, budgets (owner closes)
+        from bastion.dashboard import fleet_api
+
+        fleet_api.install(app, fleet_store)
     return app
 
 

@@ -1,4 +1,5 @@
-"""What the dashboard's forms post to: login, logout, approval decisions, lock release and handoff, reload.
+"""What the dashboard's forms post to: login, logout, approval decisions, lock release and handoff, reload, and
+the fleet's pause / resume and milestone complete / clear (`fleet_api` holds the checks they share with the API).
 
 Each handler does the same checks as its JSON twin (it calls the same functions), then redirects back with a
 short notice (POST, redirect, GET), so a reload never re-sends a decision. The auth middleware has already
@@ -130,6 +131,60 @@ async def lock_action(request: web.Request) -> web.Response:
     raise web.HTTPNotFound()
 
 
+async def agent_action(request: web.Request) -> web.Response:
+    """Pause (with the form's `reason` and `mode`) or resume an agent, or `*`, fleet-wide."""
+    from bastion.dashboard.fleet_api import FleetError, pause_agent, resume_agent
+
+    action = request.match_info["action"]
+    name = request.match_info["name"]
+    _require_admin(request, "/agents", "Pausing or resuming an agent")
+    form = await _form(request)
+    who = "every agent" if name == "*" else name
+    try:
+        if action == "pause":
+            pause = await pause_agent(request, name, form.get("reason", "").strip(), form.get("mode") or "pause")
+            raise _back("/agents", f"Paused {who} on every sidecar." if pause.action == "pause"
+                        else f"Every call of {who} is now held for a person.")
+        if action == "resume":
+            await resume_agent(request, name)
+            raise _back("/agents", f"Resumed {who}.")
+    except FleetError as e:
+        raise _back("/agents", e.message) from None
+    except StoreUnavailable:
+        raise _back("/agents", "The fleet store is unavailable; nothing was changed.") from None
+    raise web.HTTPNotFound()
+
+
+async def milestone_new(request: web.Request) -> web.Response:
+    """Complete the milestone named in the form's `key` (for `ttl`, default 7 days)."""
+    form = await _form(request)
+    return await _milestone(request, "complete", form.get("key", ""), form)
+
+
+async def milestone_action(request: web.Request) -> web.Response:
+    """Complete again (refresh) or clear the milestone in the path."""
+    form = await _form(request)
+    return await _milestone(request, request.match_info["action"], request.match_info["key"], form)
+
+
+async def _milestone(request: web.Request, action: str, key: str, form: dict[str, str]) -> web.Response:
+    from bastion.dashboard.fleet_api import FleetError, clear_milestone, complete_milestone, parse_ttl
+
+    _require_admin(request, "/milestones", "Completing or clearing a milestone")
+    try:
+        if action == "complete":
+            done = await complete_milestone(request, key, parse_ttl(form.get("ttl", "").strip()))
+            raise _back("/milestones", f"Completed {done.key}.")
+        if action == "clear":
+            gone = await clear_milestone(request, key)
+            raise _back("/milestones", f"Cleared {gone.key}.")
+    except FleetError as e:
+        raise _back("/milestones", e.message) from None
+    except StoreUnavailable:
+        raise _back("/milestones", "The fleet store is unavailable; nothing was changed.") from None
+    raise web.HTTPNotFound()
+
+
 async def reload_rules(request: web.Request) -> web.Response:
     _require_admin(request, "/rules", "Reloading the rules")
     result = await request.app[POLICY_SOURCE].reload("dashboard")
@@ -139,3 +194,11 @@ async def reload_rules(request: web.Request) -> web.Response:
 
 def lock_path(key: str, action: str) -> str:
     return f"/locks/{quote(key, safe='')}/{action}"
+
+
+def agent_path(name: str, action: str) -> str:
+    return f"/agents/{quote(name, safe='')}/{action}"
+
+
+def milestone_path(key: str, action: str) -> str:
+    return f"/milestones/{quote(key, safe='')}/{action}"

@@ -7,6 +7,8 @@ from typing import Any
 from aiohttp import web
 
 LOCK_STORE: web.AppKey[Any] = web.AppKey("bastion_lock_store", object)
+FLEET_STORE: web.AppKey[Any] = web.AppKey("bastion_fleet_store", object)
+"""The `bastion.coord.fleet.FleetStore` (pauses, milestones, budgets), when the app was given one."""
 APPROVAL_STORE: web.AppKey[Any] = web.AppKey("bastion_approval_store", object)
 AUDIT_READER: web.AppKey[Any] = web.AppKey("bastion_audit_reader", object)
 NOTIFY: web.AppKey[Any] = web.AppKey("bastion_approval_notify", object)

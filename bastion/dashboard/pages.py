@@ -28,11 +28,13 @@ from bastion.audit.record import OUTCOMES, AuditRecord, Body
 from bastion.audit.sinks import RecordQuery, StoreError
 from bastion.audit.sinks.base import matches_facts, page_key, parse_page_key
 from bastion.coord.approvals import may_decide
+from bastion.coord.fleet import ALL_AGENTS, Pause
+from bastion.coord.fleet_commands import fmt_span, pause_map, pause_of
 from bastion.coord.store import StoreUnavailable, iso_time
 from bastion.dashboard.app import POLICY_SOURCE, READY_CHECKS
 from bastion.dashboard.auth import READERS, SESSION, USER
 from bastion.dashboard.flows_api import DECISIONS, summary
-from bastion.dashboard.keys import APPROVAL_STORE, AUDIT_READER, LOCK_STORE, MODE
+from bastion.dashboard.keys import APPROVAL_STORE, AUDIT_READER, FLEET_STORE, LOCK_STORE, MODE
 
 log = logging.getLogger("bastion.dashboard")
 
@@ -490,28 +492,88 @@ async def locks(request: web.Request) -> web.Response:
     })
 
 
+async def _pauses(request: web.Request) -> tuple[dict[str, Pause] | None, str | None]:
+    """The pauses in force by agent (None without a fleet store, or when it cannot answer: then the error)."""
+    store = request.app.get(FLEET_STORE)
+    if store is None:
+        return None, None
+    try:
+        return pause_map(await store.list_pauses()), None
+    except StoreUnavailable as e:
+        return None, str(e)
+
+
 async def agents(request: web.Request) -> web.Response:
     policy = request.app[POLICY_SOURCE].policy
-    stats = await hour_stats(request)
+    stats, (pauses, pauses_error) = await asyncio.gather(hour_stats(request), _pauses(request))
     rows = []
     for name, spec in sorted(policy.agents.items()):
         s = stats["agents"].get(name, {})
         rows.append({"spec": spec, "calls": s.get("calls", 0), "denied": s.get("denied", 0),
-                     "refused": s.get("refused", 0), "last_us": s.get("last_us") or None})
-    return render(request, "agents.html", "agents", {"rows": rows, "stats": stats})
+                     "refused": s.get("refused", 0), "last_us": s.get("last_us") or None,
+                     "pause": pause_of(pauses, name) if pauses else None, "own": bool(pauses and name in pauses)})
+    found = pauses or {}
+    return render(request, "agents.html", "agents", {
+        "rows": rows, "stats": stats, "fleet": request.app.get(FLEET_STORE) is not None,
+        "pauses_known": pauses is not None, "pauses_error": pauses_error, "all_paused": found.get(ALL_AGENTS),
+        "others": [p for a, p in sorted(found.items()) if a != ALL_AGENTS and a not in policy.agents],
+        "all_agents": ALL_AGENTS,
+    })
 
 
 async def agents_json(request: web.Request) -> web.Response:
-    """`GET /api/agents`: every agent of the rules with its calls, denials and last call in the last hour."""
+    """`GET /api/agents`: every agent of the rules with its calls, denials and last call in the last hour, and
+    with a fleet store the pause that applies to it (a store that cannot answer: 503, never "not paused")."""
     policy = request.app[POLICY_SOURCE].policy
-    stats = await hour_stats(request)
+    stats, (pauses, pauses_error) = await asyncio.gather(hour_stats(request), _pauses(request))
+    if pauses_error is not None:
+        from bastion.dashboard.fleet_api import store_unavailable
+
+        return store_unavailable(StoreUnavailable(pauses_error))
     out = []
     for name, spec in sorted(policy.agents.items()):
         s = stats["agents"].get(name, {})
-        out.append({**spec.to_json(), "calls_1h": s.get("calls", 0), "denied_1h": s.get("denied", 0),
-                    "refused_1h": s.get("refused", 0),
-                    "last_seen": fmt_time(s["last_us"], True) if s.get("last_us") else None})
-    return web.json_response({"agents": out, "counted": stats["available"]})
+        item = {**spec.to_json(), "calls_1h": s.get("calls", 0), "denied_1h": s.get("denied", 0),
+                "refused_1h": s.get("refused", 0),
+                "last_seen": fmt_time(s["last_us"], True) if s.get("last_us") else None}
+        if pauses is not None:
+            pause = pause_of(pauses, name)
+            item["paused"] = pause.to_json() if pause else None
+        out.append(item)
+    answer: dict[str, Any] = {"agents": out, "counted": stats["available"]}
+    if pauses is not None:
+        star = pauses.get(ALL_AGENTS)
+        answer["all_paused"] = star.to_json() if star else None
+    return web.json_response(answer)
+
+
+async def milestones(request: web.Request) -> web.Response:
+    """The live milestones; admins may complete one by hand or clear one (JSON twin: `GET /api/milestones`)."""
+    store = request.app.get(FLEET_STORE)
+    found: list[Any] = []
+    error = None if store is not None else "This listener has no fleet store."
+    if store is not None:
+        try:
+            found = await store.list_milestones()
+        except StoreUnavailable as e:
+            error = str(e)
+    return render(request, "milestones.html", "milestones", {"milestones": found, "error": error,
+                                                             "now": time.time()})
+
+
+async def budgets(request: web.Request) -> web.Response:
+    """Each budget of the rules with its current windows (JSON twin: `GET /api/budgets`)."""
+    store = request.app.get(FLEET_STORE)
+    policy = request.app[POLICY_SOURCE].policy
+    usage: list[Any] = []
+    error = None if store is not None else "This listener has no fleet store."
+    if store is not None:
+        try:
+            usage = await store.list_budgets()
+        except StoreUnavailable as e:
+            error = str(e)
+    rows = [{"b": b, "windows": [u for u in usage if u.budget == b.id]} for b in policy.budgets]
+    return render(request, "budgets.html", "budgets", {"rows": rows, "error": error, "now": time.time()})
 
 
 async def rules(request: web.Request) -> web.Response:
@@ -561,4 +623,4 @@ def fmt_left(seconds: float) -> str:
     return f"{seconds}s"
 
 
-FILTERS = {"time": fmt_time, "duration": fmt_duration_us, "bytes": fmt_bytes, "left": fmt_left}
+FILTERS = {"time": fmt_time, "duration": fmt_duration_us, "bytes": fmt_bytes, "left": fmt_left, "span": fmt_span}

@@ -1,9 +1,10 @@
 """`bastion dashboard`: the dashboard and JSON API without a proxy, over a fleet's shared store and audit sink.
 
 Sidecars write; this process reads the audit sink (`--audit`, PostgreSQL for a fleet), reads and decides
-approvals and administers locks in the shared store (`--store`, Redis for a fleet). A decision taken here
-reaches the sidecar holding the call through the store, as one taken in any sidecar's API would. Users and
-roles come from `--rules`, reloaded when the files change, on SIGHUP and on `POST /api/rules/reload`.
+approvals and administers locks, pauses, milestones and budgets in the shared store (`--store`, Redis for a
+fleet). A decision or pause taken here reaches the sidecars through the store, as one taken in any sidecar's API
+would. Users and roles come from `--rules`, reloaded when the files change, on SIGHUP and on
+`POST /api/rules/reload`.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ async def run(data: Any, admin: tuple[str, int], rules: list[str]) -> int:
     from bastion.audit.sinks import StoreError as AuditStoreError
     from bastion.audit.sinks import open_store as open_audit
     from bastion.coord.approvals import open_approval_store
+    from bastion.coord.fleet import open_fleet_store
     from bastion.coord.notify import ApprovalNotifier
     from bastion.coord.store import open_store
     from bastion.dashboard.app import create_app
@@ -74,13 +76,14 @@ async def run(data: Any, admin: tuple[str, int], rules: list[str]) -> int:
         await asyncio.to_thread(data.home.ensure)
         locks = open_store(data.store)
         approvals = open_approval_store(data.store)
+        fleet = open_fleet_store(data.store)
         audit = open_audit(data.audit)
     except (ConfigError, AuditStoreError, OSError) as e:
         print(f"bastion dashboard: error: {e}", file=sys.stderr)
         return 2
     notifier = ApprovalNotifier(lambda: state.policy.approvals)
     app = create_app(state, lock_store=locks, audit_store=audit, approval_store=approvals, notify=notifier,
-                     home=data.home.path, mode="dashboard")
+                     fleet_store=fleet, home=data.home.path, mode="dashboard")
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     try:
@@ -109,7 +112,7 @@ async def run(data: Any, admin: tuple[str, int], rules: list[str]) -> int:
         await runner.cleanup()
         await notifier.flush(2.0)
         await notifier.close()
-        for closer in (locks.close, approvals.close, audit.close):
+        for closer in (locks.close, approvals.close, fleet.close, audit.close):
             try:
                 await closer()
             except Exception as e:

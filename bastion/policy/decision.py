@@ -34,6 +34,36 @@ class ReleaseAction:
 
 
 @dataclass(frozen=True, slots=True)
+class MilestoneNeed:
+    """`requires`: milestone `key` must exist in the shared store, else 424 dependency_pending."""
+
+    key: str
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class MilestoneAction:
+    """`complete`: record milestone `key` for `ttl` seconds once the upstream answers 2xx."""
+
+    key: str
+    ttl: float
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCharge:
+    """A budget this call counts against: `limit` `unit`s (calls or tokens) per `per` seconds, per `key`.
+    `estimate`: the tokens to reserve before the answer is known (None: estimated from the request)."""
+
+    budget: str
+    key: str
+    unit: Literal["calls", "tokens"]
+    limit: int
+    per: float
+    estimate: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ApprovalSpec:
     """How a held call is approved. Every group in `approvers` must be satisfied by the approving user
     (one group per determining hold rule; a group is satisfied when any selector in it matches).
@@ -68,7 +98,8 @@ class Decision:
 
     `effect` is what Bastion enforces; `would_effect` what the rules decided (they differ only in `report`
     mode, where `effect` is always allow). `rules` are the determining rule ids (empty when the default
-    decided). `reason` is a machine-readable cause: "rule", "default", "agent_retired", "unknown_agent".
+    decided). `reason` is a machine-readable cause: "rule", "default", "agent_retired", "unknown_agent",
+    "budget" (a budget's key could not be computed).
     """
 
     effect: Effect
@@ -83,6 +114,9 @@ class Decision:
     locks: tuple[LockAction, ...] = ()
     releases: tuple[ReleaseAction, ...] = ()
     approval: ApprovalSpec | None = None
+    requires: tuple[MilestoneNeed, ...] = ()
+    completes: tuple[MilestoneAction, ...] = ()
+    budgets: tuple[BudgetCharge, ...] = ()
     trace: tuple[TraceEntry, ...] = ()
     revision: str = ""
 
@@ -105,6 +139,10 @@ class Decision:
             "errors": list(self.errors),
             "locks": [{"key": lk.key, "ttl": lk.ttl, "rule": lk.rule} for lk in self.locks],
             "releases": [{"key": r.key, "rule": r.rule} for r in self.releases],
+            "requires": [{"key": m.key, "rule": m.rule} for m in self.requires],
+            "completes": [{"key": m.key, "ttl": m.ttl, "rule": m.rule} for m in self.completes],
+            "budgets": [{"budget": b.budget, "key": b.key, "unit": b.unit, "limit": b.limit, "per": b.per}
+                        for b in self.budgets],
             "approval": None
             if self.approval is None
             else {

@@ -26,14 +26,18 @@ from typing import Any
 from bastion.policy.decision import (
     EFFECT_RANK,
     ApprovalSpec,
+    BudgetCharge,
     Decision,
     Effect,
     LockAction,
+    MilestoneAction,
+    MilestoneNeed,
     Mode,
     ReleaseAction,
     TraceEntry,
 )
 from bastion.policy.facts import DEFAULT_NORMALIZE, EvalError, NormalizeSettings, RequestFacts
+from bastion.policy.fleet_rules import CompiledBudget, GuardSpec
 from bastion.policy.matchers import Captures, Matcher, Template
 from bastion.policy.schema import RuleModel
 
@@ -103,6 +107,8 @@ class CompiledRule:
     locks: tuple[tuple[Template, float], ...]
     releases: tuple[Template, ...]
     approval: ApprovalSpec | None
+    requires: tuple[Template, ...]
+    completes: tuple[tuple[Template, float], ...]
     message: str | None
     source: str  # "file:line"
     model: RuleModel = field(repr=False)
@@ -227,6 +233,8 @@ class Policy:
         sources: tuple[str, ...],
         approvals: ApprovalSettings | None = None,
         normalize: NormalizeSettings = DEFAULT_NORMALIZE,
+        budgets: tuple[CompiledBudget, ...] = (),
+        guards: tuple[GuardSpec, ...] = (),
     ) -> None:
         self.default_effect: Effect = default_effect
         self.default_mode: Mode = default_mode
@@ -239,8 +247,17 @@ class Policy:
         self.normalize = normalize  # passed to RequestFacts.build: which path forms are refused or let through
         self.revision = revision
         self.sources = sources
+        self.budgets = budgets
+        self.guards = guards
         self._index = {name: _AgentIndex(r for r in rules if self._selects(r.selectors, a)) for name, a in
                        agents.items()}
+        self._budgets = {name: tuple(b for b in budgets if self._selects(b.selectors, a))
+                         for name, a in agents.items()}
+        self._guards = {name: tuple(g for g in guards if self._selects(g.selectors, a)) for name, a in agents.items()}
+
+    def guards_for(self, agent: str) -> tuple[GuardSpec, ...]:
+        """The guards that watch `agent` (empty for an unknown agent)."""
+        return self._guards.get(agent, ())
 
     # -- identity -------------------------------------------------------------------------------------------
 
@@ -366,23 +383,41 @@ class Policy:
                 f"(rule {first.id} could not evaluate this request and fails closed: {rule_errors[first.id]})")
         locks: list[LockAction] = []
         releases: list[ReleaseAction] = []
+        requires: list[MilestoneNeed] = []
+        completes: list[MilestoneAction] = []
+        budgets: list[BudgetCharge] = []
         approval = None
         enforce = agent.mode == "enforce"
         if would != "deny" and enforce:
+            what, source = "lock key", ""
             try:
                 for rule, caps in sorted(matched, key=lambda rc: rc[0].id):
                     if rule.effect == "deny":
                         continue
+                    source = rule.id
+                    what = "lock key"
                     for tpl, ttl in rule.locks:
                         locks.append(LockAction(tpl.render(facts, caps, agent.name), ttl, rule.id))
                     for tpl in rule.releases:
                         releases.append(ReleaseAction(tpl.render(facts, caps, agent.name), rule.id))
+                    what = "milestone key"
+                    for tpl in rule.requires:
+                        requires.append(MilestoneNeed(tpl.render(facts, caps, agent.name), rule.id))
+                    for tpl, ttl in rule.completes:
+                        completes.append(MilestoneAction(tpl.render(facts, caps, agent.name), ttl, rule.id))
+                what = "budget key"
+                for budget in self._budgets.get(agent.name, ()):
+                    source = budget.id
+                    charge = budget.charge(facts, agent.name)
+                    if charge is not None:
+                        budgets.append(charge)
             except EvalError as e:
-                # A lock key we cannot compute must not turn into "no lock": refuse the call.
-                errors.append(f"rule {rule.id}: {e}")
+                # A key we cannot compute must not turn into "no lock", "no dependency" or "no budget".
+                kind = "budget" if what == "budget key" else "rule"
+                errors.append(f"{kind} {source}: {e}")
                 return Decision(effect="deny", would_effect="deny", mode=agent.mode, agent=agent.name,
-                                rules=(rule.id,), reason="rule", captures=captures,
-                                message=f"cannot compute the lock key of rule {rule.id}: {e}",
+                                rules=(source,) if kind == "rule" else (), reason=kind, captures=captures,
+                                message=f"cannot compute the {what} of {kind} {source}: {e}",
                                 errors=tuple(errors), trace=trace, revision=self.revision)
             if would == "hold":
                 specs = [r.approval for r, _ in winners if r.approval is not None]
@@ -399,6 +434,7 @@ class Policy:
             effect=would if enforce else "allow", would_effect=would, mode=agent.mode, agent=agent.name,
             rules=tuple(r.id for r, _ in winners), reason="rule", message=message, captures=captures,
             errors=tuple(errors), locks=tuple(locks), releases=tuple(releases), approval=approval,
+            requires=tuple(requires), completes=tuple(completes), budgets=tuple(budgets),
             trace=trace, revision=self.revision,
         )
 
@@ -410,6 +446,8 @@ class Policy:
             "agents": [a.to_json() for a in self.agents.values()],
             "users": [u.to_json() for u in self.users.values()],
             "rules": [r.to_json() for r in self.rules],
+            "budgets": [b.to_json() for b in self.budgets],
+            "guards": [g.to_json() for g in self.guards],
             "network": {"allow_private": [str(n) for n in self.network_allow_private]},
             "normalize": self.normalize.to_json(),
         }

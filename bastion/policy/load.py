@@ -31,6 +31,7 @@ from bastion.policy.engine import (
     UserSpec,
 )
 from bastion.policy.facts import NormalizeSettings
+from bastion.policy.fleet_rules import CompiledBudget, GuardSpec
 from bastion.policy.matchers import (
     CompileError,
     HostMatcher,
@@ -43,7 +44,7 @@ from bastion.policy.matchers import (
     compile_path,
     compile_template,
 )
-from bastion.policy.schema import NAME, ApprovalModel, MatchModel, PolicyFile, RuleModel
+from bastion.policy.schema import NAME, ApprovalModel, CompleteModel, MatchModel, PolicyFile, RuleModel
 from bastion.policy.traffic_matchers import compile_llm, compile_mcp
 from bastion.policy.yamlsource import YamlDocument, parse_yaml
 
@@ -304,6 +305,8 @@ def _compile(
                 found = [src.at((*path, *e.subpath), f"rule {rm.id}: {e.message}") for e in compiled]
                 issues.extend(sorted(found, key=lambda i: i.line or 0))
 
+    budgets = _compile_budgets(sources, issues, agents, agent_roles, normalize.path_case, first_time)
+    guards = _compile_guards(sources, issues, agents, agent_roles, first_time)
     networks = []
     for src in sources:
         if src.model.network is None:
@@ -345,7 +348,81 @@ def _compile(
         return None
     return Policy(default_effect=defaults.effect, default_mode=defaults.mode, agents=agents, users=users,
                   rules=rules, network_allow_private=tuple(networks), audit=audit, revision=revision,
-                  sources=files, approvals=approvals, normalize=normalize)
+                  sources=files, approvals=approvals, normalize=normalize, budgets=tuple(budgets),
+                  guards=tuple(guards))
+
+
+def _selector_problems(selectors: list[str], agents: dict[str, AgentSpec],
+                       agent_roles: set[str]) -> list[CompileError]:
+    """Rule, budget and guard `agents` lists name defined agents, roles some agent has, or `*`."""
+    problems = []
+    for j, sel in enumerate(selectors):
+        sub = ("agents", j)
+        if sel.startswith("role:"):
+            if sel[5:] not in agent_roles:
+                problems.append(CompileError(f"no agent has role {sel[5:]!r}", sub))
+        elif sel != "*" and sel not in agents:
+            close = difflib.get_close_matches(sel, list(agents), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(CompileError(f"agent {sel!r} is not defined under `agents`{hint}", sub))
+    return problems
+
+
+def _compile_budgets(sources: list[_Source], issues: list[PolicyIssue], agents: dict[str, AgentSpec],
+                     agent_roles: set[str], path_case: str, first_time: Any) -> list[CompiledBudget]:
+    """Every `budgets:` entry of every file; ids are unique across files."""
+    out: list[CompiledBudget] = []
+    for src in sources:
+        for i, bm in enumerate(src.model.budgets):
+            path: tuple[str | int, ...] = ("budgets", i)
+            if not first_time("budget id", bm.id, src, (*path, "id")):
+                continue
+            problems = _selector_problems(bm.agents, agents, agent_roles)
+            matchers: list[Matcher] = []
+            captures: frozenset[str] | None = None
+            if bm.match is not None:
+                try:
+                    matchers, _, _, _, captures = _compile_match(bm.match, ("match",), path_case == "insensitive",
+                                                                 path_case == "insensitive")
+                except CompileError as e:
+                    problems.append(e)
+            key = None
+            try:
+                key = compile_template(bm.key)
+                missing = key.captures - (captures or frozenset())
+                if missing:
+                    raise CompileError(f"{{{sorted(missing)[0]}}} is not captured by this budget's `match.path`")
+            except CompileError as e:
+                problems.append(CompileError(e.message, ("key",)))
+            if problems or key is None:
+                issues.extend(src.at((*path, *e.subpath), f"budget {bm.id}: {e.message}") for e in problems)
+                continue
+            unit = "calls" if bm.limit.calls is not None else "tokens"
+            out.append(CompiledBudget(
+                id=bm.id, selectors=tuple(bm.agents), matchers=tuple(sorted(matchers, key=lambda m: m.cost)),
+                key=key, unit=unit, limit=bm.limit.calls or bm.limit.tokens or 0, per=bm.limit.per,
+                estimate=bm.estimate, source=f"{src.file}:{src.doc.line_of(path)}", model=bm))
+    return out
+
+
+def _compile_guards(sources: list[_Source], issues: list[PolicyIssue], agents: dict[str, AgentSpec],
+                    agent_roles: set[str], first_time: Any) -> list[GuardSpec]:
+    out: list[GuardSpec] = []
+    for src in sources:
+        for i, gm in enumerate(src.model.guards):
+            path: tuple[str | int, ...] = ("guards", i)
+            if not first_time("guard id", gm.id, src, (*path, "id")):
+                continue
+            problems = _selector_problems(gm.agents, agents, agent_roles)
+            if problems:
+                issues.extend(src.at((*path, *e.subpath), f"guard {gm.id}: {e.message}") for e in problems)
+                continue
+            when = gm.when
+            metric, limit = next((m, v) for m, v in (("denials", when.denials), ("errors", when.errors),
+                                                     ("calls", when.calls)) if v is not None)
+            out.append(GuardSpec(id=gm.id, selectors=tuple(gm.agents), metric=metric, limit=limit, per=when.per,
+                                 action=gm.action, source=f"{src.file}:{src.doc.line_of(path)}"))
+    return out
 
 
 def _normalize_settings(sources: list[_Source], issues: list[PolicyIssue]) -> NormalizeSettings:
@@ -391,18 +468,13 @@ def _compile_rule(
             problems.append(e)
             return None
 
-    for j, sel in enumerate(rm.agents):
-        sub = ("agents", j)
-        if sel.startswith("role:"):
-            if sel[5:] not in agent_roles:
-                problems.append(CompileError(f"no agent has role {sel[5:]!r}", sub))
-        elif sel != "*" and sel not in agents:
-            close = difflib.get_close_matches(sel, list(agents), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(CompileError(f"agent {sel!r} is not defined under `agents`{hint}", sub))
+    problems.extend(_selector_problems(rm.agents, agents, agent_roles))
     if rm.effect == "deny" and (rm.lock or rm.release):
         problems.append(CompileError("a deny rule cannot take or release a lock",
                                      ("lock" if rm.lock else "release",)))
+    if rm.effect == "deny" and (rm.requires or rm.complete):
+        problems.append(CompileError("a deny rule cannot require or complete a milestone",
+                                     ("requires" if rm.requires else "complete",)))
     if rm.approval is not None and rm.effect != "hold":
         problems.append(CompileError("`approval` only belongs on a rule with effect: hold", ("approval",)))
     if rm.message is not None and rm.effect == "allow":
@@ -447,6 +519,13 @@ def _compile_rule(
     rel = [rm.release] if isinstance(rm.release, str) else rm.release or []
     releases = tuple(t for k, r in enumerate(rel) if (t := attempt(
         template, r, ("release", k) if isinstance(rm.release, list) else ("release",))) is not None)
+    req = [rm.requires] if isinstance(rm.requires, str) else rm.requires or []
+    requires = tuple(t for k, r in enumerate(req) if (t := attempt(
+        template, r, ("requires", k) if isinstance(rm.requires, list) else ("requires",))) is not None)
+    done = [rm.complete] if isinstance(rm.complete, CompleteModel) else rm.complete or []
+    completes = tuple((t, c.ttl) for k, c in enumerate(done) if (t := attempt(
+        template, c.key, ("complete", k, "key") if isinstance(rm.complete, list) else ("complete", "key")))
+        is not None)
     approval = None
     if rm.effect == "hold":
         am = rm.approval or ApprovalModel()
@@ -463,7 +542,8 @@ def _compile_rule(
         return problems
     return CompiledRule(
         id=rm.id, effect=rm.effect, selectors=tuple(rm.agents), matchers=tuple(matchers),
-        unless=tuple(unless), locks=locks, releases=releases, approval=approval, message=rm.message,
+        unless=tuple(unless), locks=locks, releases=releases, approval=approval, requires=requires,
+        completes=completes, message=rm.message,
         source=f"{src.file}:{src.doc.line_of(path)}", model=rm, hosts=hosts, methods=methods, ports=ports,
     )
 

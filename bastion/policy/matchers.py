@@ -596,7 +596,7 @@ def _scalar(value: Any, what: str) -> str:
 
 def compile_template(text: Any) -> Template:
     if not isinstance(text, str) or not text:
-        raise CompileError("a lock/release key must be a non-empty string")
+        raise CompileError("a key template must be a non-empty string")
     pieces: list[tuple[str, str]] = []
     caps: set[str] = set()
     pos = 0

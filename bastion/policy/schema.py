@@ -11,7 +11,7 @@ import difflib
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from bastion.policy.facts import ALLOWABLE_FORMS
 
@@ -136,6 +136,23 @@ class LockModel(Strict):
     ttl: Duration = 900.0
 
 
+DEFAULT_MILESTONE_TTL = 7 * 86400.0
+
+
+class CompleteModel(Strict):
+    """`complete`: the milestone a rule records once the upstream answers 2xx (a template, like lock keys)."""
+
+    key: str = Field(description="milestone key template, e.g. extracted:{report}")
+    ttl: Duration = Field(default=DEFAULT_MILESTONE_TTL, description="how long the milestone lasts (default 7d)")
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl(cls, v: float) -> float:
+        if v > 30 * 86400:
+            raise ValueError("a milestone ttl is at most 30d")
+        return v
+
+
 class ApprovalModel(Strict):
     approvers: list[str] = Field(default_factory=lambda: ["role:approver"], min_length=1)
     wait: Duration = 30.0
@@ -182,6 +199,10 @@ class RuleModel(Strict):
     lock: LockModel | None = None
     release: StrOrList | None = None
     approval: ApprovalModel | None = None
+    requires: StrOrList | None = Field(default=None, description="milestones (templates) that must exist, else "
+                                                                 "424 dependency_pending")
+    complete: CompleteModel | list[CompleteModel] | None = Field(
+        default=None, description="milestone(s) recorded once the upstream answers 2xx")
     message: str | None = None
     description: str | None = None
     owner: str | None = None
@@ -191,6 +212,90 @@ class RuleModel(Strict):
     def _id_format(cls, v: str) -> str:
         if not RULE_ID.match(v):
             raise ValueError("a rule id is 1-128 characters: letters, digits and _ . : / -, starting with a "
+                             "letter or digit")
+        return v
+
+
+class BudgetLimitModel(Strict):
+    """`limit`: calls or LLM tokens (one of them) per window."""
+
+    calls: int | None = Field(default=None, ge=1, description="calls per window")
+    tokens: int | None = Field(default=None, ge=1, description="LLM tokens (input + output) per window")
+    per: Duration = Field(description="the window, e.g. 1h; windows are aligned to the epoch")
+
+    @field_validator("per")
+    @classmethod
+    def _per(cls, v: float) -> float:
+        if v < 1 or v > 31 * 86400:
+            raise ValueError("a budget window is between 1s and 31d")
+        return v
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> BudgetLimitModel:
+        if (self.calls is None) == (self.tokens is None):
+            raise ValueError("give exactly one of `calls` and `tokens`")
+        return self
+
+
+class BudgetModel(Strict):
+    """A budget shared by the fleet through the store: reserved before a call, settled after its answer."""
+
+    id: str
+    agents: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    match: MatchModel | None = Field(default=None, description="which calls count (default: every call)")
+    limit: BudgetLimitModel
+    key: str = Field(default="{agent}", description="what the budget is per: a template, default {agent}")
+    estimate: int | None = Field(default=None, ge=0, le=10_000_000,
+                                 description="tokens reserved per call before its usage is known (default: "
+                                             "from the request: its size and max_tokens)")
+    description: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id_format(cls, v: str) -> str:
+        if not RULE_ID.match(v):
+            raise ValueError("a budget id is 1-128 characters: letters, digits and _ . : / -, starting with a "
+                             "letter or digit")
+        return v
+
+
+class GuardWhenModel(Strict):
+    """`when`: one rate per agent, counted across the fleet in fixed windows."""
+
+    denials: int | None = Field(default=None, ge=1, description="refusals by the rules (403 policy_denied)")
+    errors: int | None = Field(default=None, ge=1, description="upstream errors (5xx or no answer)")
+    calls: int | None = Field(default=None, ge=1, description="calls of any outcome")
+    per: Duration
+
+    @field_validator("per")
+    @classmethod
+    def _per(cls, v: float) -> float:
+        if v < 1 or v > 86400:
+            raise ValueError("a guard window is between 1s and 1d")
+        return v
+
+    @model_validator(mode="after")
+    def _one_rate(self) -> GuardWhenModel:
+        if sum(x is not None for x in (self.denials, self.errors, self.calls)) != 1:
+            raise ValueError("give exactly one of `denials`, `errors` and `calls`")
+        return self
+
+
+class GuardModel(Strict):
+    """An automatic response to a runaway agent: past the rate, the agent is paused fleet-wide."""
+
+    id: str
+    agents: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    when: GuardWhenModel
+    action: Literal["pause", "hold"] = Field(default="pause", description="pause: refuse the agent's calls "
+                                             "(403 agent_paused); hold: hold each of them for a person")
+    description: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id_format(cls, v: str) -> str:
+        if not RULE_ID.match(v):
+            raise ValueError("a guard id is 1-128 characters: letters, digits and _ . : / -, starting with a "
                              "letter or digit")
         return v
 
@@ -244,6 +349,8 @@ class PolicyFile(Strict):
     agents: dict[str, AgentModel] = Field(default_factory=dict)
     users: dict[str, UserModel] = Field(default_factory=dict)
     rules: list[RuleModel] = Field(default_factory=list)
+    budgets: list[BudgetModel] = Field(default_factory=list)
+    guards: list[GuardModel] = Field(default_factory=list)
     network: NetworkModel | None = None
     audit: AuditModel | None = None
     approvals: ApprovalsModel | None = None

@@ -124,7 +124,7 @@ class ApprovalWatch:
 
     async def wait(self, approval_id: str, flow: http.HTTPFlow, seconds: float) -> Approval | str:
         """The approval once it is no longer pending, or "timeout", "gone" (the client hung up), "missing"
-        (the record vanished), "shutdown" (the sidecar is stopping)."""
+        (the record vanished), "shutdown" (the sidecar is stopping), "paused" (the agent was paused)."""
         if self._closed:
             return "shutdown"
         waiter = _Waiter(flow)
@@ -171,6 +171,14 @@ class ApprovalWatch:
                             w.wake(approval if approval is not None else "missing")
         finally:
             self._task = None
+
+    def wake_agent(self, agent: str) -> None:
+        """Stop holding the calls of `agent` (`*`: of everyone) now: it was paused. They come back "paused",
+        with their approval obligation unmet, and the pause check after this stage refuses them."""
+        for waiters in list(self._waiting.values()):
+            for w in list(waiters):
+                if agent == "*" or w.flow.metadata.get(flowmeta.AGENT) == agent:
+                    w.wake("paused")
 
     def close(self) -> None:
         """Answer every held call now (409 pending: the approvals stay in the store for the re-sends)."""
@@ -390,6 +398,9 @@ class HoldForApproval:
                 outcome = await self.watch.wait(approval.id, flow, until - now_mono)
             finally:
                 self._held_bytes -= size
+            if outcome == "paused":  # the agent was paused meanwhile: the pause check after this stage refuses it
+                self._record(flow, approval.id, "pending", None, "not waited for: the agent was paused")
+                return None
             if isinstance(outcome, str):
                 if outcome == "timeout" and time.time() >= approval.expires_at:
                     told = await self.store.report_expiry(approval.id)

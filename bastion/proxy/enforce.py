@@ -212,6 +212,10 @@ class Enforce:
             obligations.add(flowmeta.OBLIGATION_APPROVAL)
         if decision.locks or decision.releases:
             obligations.add(flowmeta.OBLIGATION_LOCK)
+        if decision.requires:
+            obligations.add(flowmeta.OBLIGATION_MILESTONE)
+        if decision.budgets:
+            obligations.add(flowmeta.OBLIGATION_BUDGET)
         if obligations:
             meta[flowmeta.OBLIGATIONS] = obligations
         if facts.forward_target != req.path:

@@ -10,7 +10,8 @@ Set per agent request (not on CONNECT flows, except REQUEST_ID, AGENT and POLICY
 - FACTS: the `RequestFacts` the rules saw (normalized host, path, query, headers, body).
 - DECISION: the `Decision` (`effect`, `would_effect`, `mode`, `rules`, `locks`, `releases`, `approval`, ...).
 - OBLIGATIONS: set[str] of conditions that must be met before the request may be forwarded: "approval" (a
-  hold decision), "lock" (the decision takes or releases task locks). The addon that satisfies one removes it;
+  hold decision), "lock" (the decision takes or releases task locks), "milestone" (it requires milestones),
+  "budget" (it counts against budgets). The addon that satisfies one removes it;
   the gate refuses whatever is left (fail closed).
 - REFUSAL: str, the `error.type` when Bastion answered the request itself (absent for upstream responses).
 - UPSTREAM_ADDRESS: (ip, port) the request is pinned to after the network guard vetted it.
@@ -31,6 +32,10 @@ Set per agent request (not on CONNECT flows, except REQUEST_ID, AGENT and POLICY
   refused with 413 while it arrives (set by enforcement at `requestheaders`).
 - DECIDED_EARLY: True when enforcement decided at `requestheaders` (a large body no rule can read, on a plain
   allow): the pipeline then runs every stage's `request` step at once, and streams the body to the upstream.
+- FLEET: dict, what the fleet stages did, for the audit record's `extra["fleet"]`: `paused` (the pause that
+  refused or held the call), `requires` / `missing` (milestones checked), `completed` (milestones recorded),
+  `budgets` (reservations and how they were settled), `guards` (guards this call tripped).
+- RESERVATIONS: the budget reservations a call holds until it is settled (`bastion.proxy.budgets`).
 - TRAFFIC: dict, what the traffic meant, for the audit record's `extra` (set by `bastion.proxy.traffic`):
   `llm` (an LLM API call: model, tools, usage...), `mcp` (a JSON-RPC / MCP call: method, tool, outcome),
   `websocket` (the messages of a session). Absent for plain HTTP.
@@ -58,9 +63,13 @@ CAPTURE = "bastion.capture"
 BODY_LIMIT = "bastion.body_limit"
 DECIDED_EARLY = "bastion.decided_early"
 TRAFFIC = "bastion.traffic"
+FLEET = "bastion.fleet"
+RESERVATIONS = "bastion.reservations"
 JSONRPC_ID = "bastion.jsonrpc_id"
 
 OBLIGATION_APPROVAL = "approval"
 OBLIGATION_LOCK = "lock"
+OBLIGATION_MILESTONE = "milestone"
+OBLIGATION_BUDGET = "budget"
 
 REQUEST_ID_HEADER = "X-Bastion-Request-Id"

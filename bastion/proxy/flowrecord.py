@@ -15,6 +15,7 @@ record says so in `extra["forwarded_path"]`.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from mitmproxy import http
 
@@ -117,5 +118,13 @@ def snapshot(flow: http.HTTPFlow, exchange: Exchange | None, *, outcome: str, re
         upstream=upstream,
         upstream_tried=tried,
         forwarded_path=forwarded_path,
-        extra=meta.get(flowmeta.TRAFFIC),
+        extra=_extra(meta),
     )
+
+
+def _extra(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """What the traffic meant (`llm`, `mcp`, `websocket`) and what the fleet stages did (`fleet`)."""
+    traffic, fleet = meta.get(flowmeta.TRAFFIC), meta.get(flowmeta.FLEET)
+    if not fleet:
+        return traffic
+    return {**(traffic or {}), "fleet": fleet}

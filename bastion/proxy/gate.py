@@ -87,6 +87,10 @@ class Gate:
             responses.refuse(flow, 503, responses.APPROVAL_UNAVAILABLE,
                              f"This call needs human approval (rule {rules}), but no approval service is "
                              "available, so it was refused.", rule=decision.rule, headers=no_retry)
+        elif flowmeta.OBLIGATION_LOCK not in pending:  # milestones or budgets: the fleet store's stages
+            responses.refuse(flow, 503, responses.STORE_UNAVAILABLE,
+                             f"This call needs the shared store ({', '.join(sorted(pending))}), which is not "
+                             "available, so it was refused.", rule=decision.rule, headers=no_retry)
         else:
             keys = ", ".join(a.key for a in (*decision.locks, *decision.releases)) or "?"
             rule = next((a.rule for a in (*decision.locks, *decision.releases)), decision.rule)

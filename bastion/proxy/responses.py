@@ -39,6 +39,9 @@ REQUEST_TOO_LARGE = "request_too_large"
 HEADERS_TOO_LARGE = "request_header_fields_too_large"
 UPSTREAM_UNREACHABLE = "upstream_unreachable"
 INTERNAL_ERROR = "internal_error"
+AGENT_PAUSED = "agent_paused"
+DEPENDENCY_PENDING = "dependency_pending"
+BUDGET_EXCEEDED = "budget_exceeded"
 
 _REFUSAL_COUNTERS: dict[str, Any] = {}
 

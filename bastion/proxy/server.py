@@ -86,11 +86,21 @@ class Proxy:
     header_timeout: Any
 
 
+@dataclass
+class Fleet:
+    """The fleet stages' shared parts: the store (milestones, budgets, pauses, guard counts) and this sidecar's
+    view of the pauses."""
+
+    store: Any
+    watch: Any
+
+
 def build_proxy(settings: ServeSettings, state: PolicyState, protected: ProtectedTargets,
                 upstream_trust: Path | None, lock_store: LockStore | None = None, capture: Any = None,
-                holds: Any = None) -> Proxy:
+                holds: Any = None, fleet: Fleet | None = None) -> Proxy:
     """The embedded mitmproxy Master with its addons (must be called inside the running loop). `capture` is the
-    audit's `bastion.proxy.capture.Capture`; `holds` the `bastion.proxy.approvals.HoldForApproval` stage."""
+    audit's `bastion.proxy.capture.Capture`; `holds` the `bastion.proxy.approvals.HoldForApproval` stage;
+    `fleet` the pause watch and store of the fleet stages (pauses, milestones, budgets, guards)."""
     from mitmproxy import options
     from mitmproxy.addons import next_layer, proxyserver, tlsconfig
     from mitmproxy.master import Master
@@ -141,12 +151,30 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
         # meant (LLM and MCP facts), then the audit capture (which records those facts too).
         Traffic(response_facts=settings.response_facts),
     ]
+    if fleet is not None:  # a paused agent is stopped first; its dependencies are checked before anyone is asked
+        from bastion.proxy.milestones import Milestones
+        from bastion.proxy.pauses import PauseCheck
+
+        stages.insert(stages.index(guard), PauseCheck(fleet.watch))
+        stages.insert(stages.index(gate), Milestones(fleet.store))
     if holds is not None:  # approvals first: a lock is taken only for a call no person still has to decide on
         stages.insert(stages.index(gate), holds)
+    if fleet is not None:  # a call that waited for a person while its agent was paused; then its budgets
+        from bastion.proxy.budgets import Budgets
+        from bastion.proxy.pauses import PauseCheck
+
+        stages.insert(stages.index(gate), PauseCheck(fleet.watch, recheck=True))
+        stages.insert(stages.index(gate), Budgets(fleet.store))
     if lock_store is not None:
         from bastion.proxy.locks import TaskLocks
 
         stages.insert(stages.index(gate), TaskLocks(lock_store))
+    if fleet is not None:  # after the traffic stage, which knows the tokens an answer used
+        from bastion.proxy.agent_guards import Guards
+        from bastion.proxy.budgets import BudgetSettle
+
+        stages.append(BudgetSettle(fleet.store))
+        stages.append(Guards(fleet.store, fleet.watch))
     if capture is not None:  # audit: intake before identity (what the agent sent), capture last (how it ended)
         stages.insert(next(i for i, s in enumerate(stages) if isinstance(s, Identity)), capture.intake)
         stages.append(capture)
@@ -210,6 +238,7 @@ async def serve(settings: ServeSettings, *, audit: bool = True) -> int:
     """Run until SIGTERM/SIGINT. `audit=False` leaves the audit capture out: only for benchmarks measuring
     what capture costs (bench/audit_proxy_bench.py); no flag or variable exposes it."""
     from bastion.coord.approvals import open_approval_store
+    from bastion.coord.fleet import open_fleet_store
     from bastion.coord.store import open_store
     from bastion.proxy.auditing import AuditService
     from bastion.proxy.memory import tune_allocator
@@ -218,6 +247,7 @@ async def serve(settings: ServeSettings, *, audit: bool = True) -> int:
     try:
         store = open_store(settings.data.store)  # no I/O yet; closed after the last in-flight call
         approvals = open_approval_store(settings.data.store)
+        fleet_store = open_fleet_store(settings.data.store)
     except ConfigError as e:
         print(f"bastion serve: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -225,7 +255,7 @@ async def serve(settings: ServeSettings, *, audit: bool = True) -> int:
     audit_service = (AuditService(settings.data, pinned=settings.agent, tracing=settings.tracing)
                      if audit else None)
     try:
-        return await _serve(settings, store, approvals, audit_service)
+        return await _serve(settings, store, approvals, fleet_store, audit_service)
     except StartupError as e:
         print(f"bastion serve: {e}", file=sys.stderr, flush=True)
         return e.code
@@ -233,14 +263,18 @@ async def serve(settings: ServeSettings, *, audit: bool = True) -> int:
         if audit_service is not None:
             await audit_service.close()
         await approvals.close()
+        await fleet_store.close()
         await store.close()
 
 
-async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, audit: Any = None) -> int:
+async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, fleet_store: Any,
+                 audit: Any = None) -> int:
     from bastion.coord.notify import ApprovalNotifier
+    from bastion.coord.store import StoreUnavailable
     from bastion.dashboard.app import create_app
     from bastion.proxy.approvals import HoldForApproval, keep_pending_gauge
-    from bastion.proxy.locks import check_store, keep_locks_gauge
+    from bastion.proxy.locks import STARTUP_PING_TIMEOUT, check_store, keep_locks_gauge
+    from bastion.proxy.pauses import PauseWatch
 
     loop = asyncio.get_running_loop()
     if audit is not None:  # a `bastion.proxy.auditing.AuditService`: its worker process starts while we go on
@@ -289,9 +323,13 @@ async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, audi
     proxy_running = asyncio.Event()
     notifier = ApprovalNotifier(lambda: state.policy.approvals if state.policy is not None else None)
     holds = HoldForApproval(approvals, notify=notifier)
+    fleet = Fleet(fleet_store, PauseWatch(fleet_store, on_pause=holds.watch.wake_agent))
+    with contextlib.suppress(StoreUnavailable, TimeoutError):  # pauses in force apply from the first call
+        await asyncio.wait_for(fleet.watch.refresh(), STARTUP_PING_TIMEOUT)
     runner = web.AppRunner(create_app(state, ready_checks=[("proxy", proxy_ready), *audit_checks], lock_store=store,
                                       audit_store=audit.reader if audit is not None else None,
-                                      approval_store=approvals, notify=notifier, home=home.path),
+                                      approval_store=approvals, notify=notifier, home=home.path,
+                                      fleet_store=fleet_store),
                            access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     try:
@@ -304,8 +342,11 @@ async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, audi
 
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(_DropListenErrors())
     logging.getLogger("mitmproxy.proxy.mode_servers").addFilter(_DropListenErrors())
+    from bastion.dashboard.fleet_api import FLEET_LISTENERS
+
+    runner.app[FLEET_LISTENERS].append(lambda event: _apply_fleet_event(fleet.watch, event))
     proxy = build_proxy(settings, state, protected, trust, store, audit.capture if audit is not None else None,
-                        holds)
+                        holds, fleet)
     if settings.listen[1] != 0:
         protected.add_local(settings.listen[1], "Bastion's proxy listener", settings.listen[0])
     run_task = asyncio.create_task(proxy.master.run(), name="mitmproxy")
@@ -331,6 +372,7 @@ async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, audi
     background: set[asyncio.Task[Any]] = set()
     background.add(asyncio.create_task(keep_locks_gauge(store), name="locks-gauge"))
     background.add(asyncio.create_task(keep_pending_gauge(approvals), name="approvals-gauge"))
+    background.add(asyncio.create_task(fleet.watch.run(), name="pause-watch"))
 
     def reload_soon(trigger: str) -> None:
         task = loop.create_task(state.reload(trigger))
@@ -380,6 +422,17 @@ async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, audi
             loop.remove_signal_handler(sig)
     log.info("stopped")
     return EXIT_OK
+
+
+def _apply_fleet_event(watch: Any, event: dict[str, Any]) -> None:
+    """A pause or resume made through this sidecar's admin API applies here at once (others poll)."""
+    from bastion.coord.fleet import Pause
+
+    pause = event.get("record")
+    if event.get("action") == "pause" and isinstance(pause, Pause):
+        watch.add(pause)
+    elif event.get("action") == "resume" and isinstance(event.get("agent"), str):
+        watch.remove(event["agent"])
 
 
 async def _stop_master(proxy: Proxy, run_task: asyncio.Task[Any]) -> None:
