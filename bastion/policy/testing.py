@@ -8,11 +8,14 @@ A suite is a YAML list of cases:
       url: https://api.openai.com/v1/chat/completions
       body: {model: gpt-4.1}          # a mapping (sent as JSON) or a string
       headers: {X-Trace: "1"}
+      milestones: [extracted:42]      # milestones that exist for this case (default: none)
       expect:
         decision: allow               # allow | deny | hold: what Bastion enforces; bad_request: the proxy
                                       # refuses the request (400) before any rule runs (an ambiguous path)
         rules: [llm-chat]             # ids that must be among the determining rules
-        # optional: would_decision, locks: [keys], releases: [keys], errors: N, reason: default|rule|...
+        # dependency_pending: a rule `requires` a milestone the case does not list
+        # optional: would_decision, locks: [keys], releases: [keys], errors: N, reason: default|rule|...,
+        # missing: [milestones], completes: [milestones], budgets: ["BUDGET:KEY", ...]
 
 Every case is evaluated with the engine's `explain`, so the suite also learns which rules matched at least once:
 rules no case exercised are listed, the way coverage tools list unexecuted lines.
@@ -35,13 +38,16 @@ from bastion.protocols.mcp import McpProblem
 
 
 class Expect(Strict):
-    decision: Literal["allow", "deny", "hold", "bad_request"]
+    decision: Literal["allow", "deny", "hold", "bad_request", "dependency_pending"]
     would_decision: Literal["allow", "deny", "hold"] | None = None
     rules: list[str] | None = None
     reason: str | None = None
     locks: list[str] | None = None
     releases: list[str] | None = None
     errors: int | None = None
+    missing: list[str] | None = None
+    completes: list[str] | None = None
+    budgets: list[str] | None = None
 
 
 class Case(Strict):
@@ -51,6 +57,7 @@ class Case(Strict):
     url: str
     body: dict[str, Any] | list[Any] | str | None = None
     headers: dict[str, str] = pydantic.Field(default_factory=dict)
+    milestones: list[str] = pydantic.Field(default_factory=list)
     expect: Expect
 
 
@@ -150,23 +157,32 @@ def run_suites(policy: Policy, files: list[Path]) -> SuiteReport:
                 continue
             d = policy.explain(facts, case.agent)
             exercised.update(t.rule for t in d.trace if t.matched)
-            result.problems = _compare(case.expect, d)
+            result.problems = _compare(case.expect, d, set(case.milestones))
             result.passed = not result.problems
             report.results.append(result)
     report.unexercised = sorted(r.id for r in policy.rules if r.id not in exercised)
     return report
 
 
-def _compare(exp: Expect, d: Any) -> list[str]:
+def _compare(exp: Expect, d: Any, milestones: set[str] | None = None) -> list[str]:
     problems = []
     got_rules = f" (rules: {', '.join(d.rules) or 'none, the default decided'})"
-    if d.effect != exp.decision:
-        problems.append(f"decision: expected {exp.decision}, got {d.effect}{got_rules}")
+    missing = [m.key for m in d.requires if m.key not in (milestones or set())]
+    effect = "dependency_pending" if missing and d.effect != "deny" else d.effect
+    if effect != exp.decision:
+        problems.append(f"decision: expected {exp.decision}, got {effect}{got_rules}"
+                        + (f", missing milestones {missing}" if missing else ""))
+    if exp.missing is not None and sorted(exp.missing) != sorted(missing):
+        problems.append(f"missing: expected {exp.missing}, got {missing}")
+    if exp.completes is not None and sorted(exp.completes) != sorted(c.key for c in d.completes):
+        problems.append(f"completes: expected {exp.completes}, got {[c.key for c in d.completes]}")
+    if exp.budgets is not None and sorted(exp.budgets) != sorted(f"{b.budget}:{b.key}" for b in d.budgets):
+        problems.append(f"budgets: expected {exp.budgets}, got {[f'{b.budget}:{b.key}' for b in d.budgets]}")
     if exp.would_decision is not None and d.would_effect != exp.would_decision:
         problems.append(f"would_decision: expected {exp.would_decision}, got {d.would_effect}")
     if exp.rules is not None:
-        missing = [r for r in exp.rules if r not in d.rules]
-        if missing or (not exp.rules and d.rules):
+        absent = [r for r in exp.rules if r not in d.rules]
+        if absent or (not exp.rules and d.rules):
             problems.append(f"rules: expected {exp.rules} among the determining rules, got {list(d.rules)}")
     if exp.reason is not None and d.reason != exp.reason:
         problems.append(f"reason: expected {exp.reason}, got {d.reason}")
