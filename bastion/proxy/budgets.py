@@ -56,7 +56,7 @@ def estimate_tokens(facts: RequestFacts | None, body_size: int) -> int:
         if facts.llm() is None:
             return 0
         body = facts.json()
-    except EvalError:
+    except EvalError:  # the body could not be read (too large, encoded): it may well be an LLM call
         return min(MAX_ESTIMATE, math.ceil(body_size / 4))
     out = 0
     if isinstance(body, dict):
@@ -85,6 +85,17 @@ def used_tokens(flow: http.HTTPFlow) -> int | None:
     return total
 
 
+def _body_size(flow: http.HTTPFlow) -> int:
+    """The request body's size: read, or announced (`Content-Length`) when it has not been read."""
+    body = flow.request.raw_content
+    if body is not None and not flow.request.stream:
+        return len(body)
+    try:
+        return max(0, int(flow.request.headers.get("content-length", "0") or 0))
+    except ValueError:
+        return 0
+
+
 class Budgets:
     """Pipeline stage after approvals, before the task locks: reserve or refuse (module docstring)."""
 
@@ -102,8 +113,7 @@ class Budgets:
     async def _reserve(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata
         decision: Decision = meta[flowmeta.DECISION]
-        size = len(flow.request.raw_content or b"") if not flow.request.stream else int(
-            flow.request.headers.get("content-length", "0") or 0)
+        size = _body_size(flow)
         estimate: int | None = None
         held: list[Reservation] = []
         meta[flowmeta.RESERVATIONS] = held  # settled (given back) even if a later step fails
@@ -181,7 +191,10 @@ class BudgetSettle:
         return self._settle(flow, answered=flowmeta.REFUSAL not in flow.metadata)
 
     def error(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        return self._settle(flow, answered=False)
+        # An answer that was cut (the agent hung up before its end, or the upstream broke off mid-stream) was
+        # still an answer: the agent read what came, and tokens were spent. Only no answer at all gives back.
+        answered = flow.response is not None and flowmeta.REFUSAL not in flow.metadata
+        return self._settle(flow, answered=answered)
 
     def _settle(self, flow: http.HTTPFlow, *, answered: bool) -> Awaitable[None] | None:
         held: list[Reservation] | None = flow.metadata.pop(flowmeta.RESERVATIONS, None)

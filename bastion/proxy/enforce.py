@@ -194,7 +194,7 @@ class Enforce:
 
         started = time.perf_counter()
         decision = policy.evaluate(facts, agent)
-        if early and (decision.effect != "allow" or decision.locks or decision.releases):
+        if early and (decision.effect != "allow" or decision.locks or decision.releases or decision.budgets):
             return False
         DECISION_SECONDS.observe(time.perf_counter() - started)
         meta[flowmeta.FACTS] = facts

@@ -12,7 +12,8 @@ of that agent (or of every agent, for a `*` pause):
 
 Calls already forwarded finish; calls waiting for an approval when the pause arrives are woken and refused.
 While the store cannot be read, the last pauses read stay in force (and are logged): a sidecar cannot learn
-of a new pause then, but it never forgets one.
+of a new pause then, but it never forgets one. A sidecar that starts while the store cannot be read knows of
+no pause until its first successful read (it logs that the store does not answer).
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ class PauseWatch:
         """The pause that applies to `agent` (its own, else the `*` one), or None."""
         if not self._pauses:
             return None
-        return self._pauses.get(agent) or self._pauses.get(ALL_AGENTS)
+        own, everyone = self._pauses.get(agent), self._pauses.get(ALL_AGENTS)
+        if own is None or everyone is None:
+            return own or everyone
+        return everyone if everyone.action == "pause" and own.action == "hold" else own  # the stricter stop
 
     def apply(self, pauses: Iterable[Pause]) -> None:
         """Take `pauses` as the complete set now in force."""
@@ -147,7 +151,8 @@ class PauseCheck:
         pause = self.watch.paused(agent)
         if pause is None:
             return
-        if pause.action == "pause" or self.recheck:
+        # A call decided before its body arrived cannot be held: an approval binds the body it was shown.
+        if pause.action == "pause" or self.recheck or meta.get(flowmeta.DECIDED_EARLY):
             if self.recheck and pause.action == "hold" and flowmeta.OBLIGATION_APPROVAL not in (
                     meta.get(flowmeta.OBLIGATIONS) or ()):
                 return  # a person approved this call while the agent is held: that is what `hold` asks for
