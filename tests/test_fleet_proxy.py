@@ -186,9 +186,15 @@ def test_a_failed_extraction_records_no_milestone_and_clearing_closes_the_gate(f
                    str(fleet.rules), "--user-token", ALICE)
     assert done.returncode == 0, done.stderr
     assert call(fleet.b, "reporter", f"{up}/reports/{report}/compliance").status_code == 200
-    cleared = admin(fleet.a, f"/api/milestones/extracted:{report}/clear")
+    cleared = admin(fleet.b, f"/api/milestones/extracted:{report}/clear")
     assert cleared.status_code == 200, cleared.text
+    # At once on the sidecar that cleared it; within a second on the other (it trusts what it found for 1s).
     assert error(call(fleet.b, "reporter", f"{up}/reports/{report}/compliance"), 424)["missing"]
+    deadline = time.monotonic() + 2.0
+    while (resp := call(fleet.a, "reporter", f"{up}/reports/{report}/compliance")).status_code == 200:
+        assert time.monotonic() < deadline, "the other sidecar still passes a cleared milestone"
+        time.sleep(0.1)
+    assert error(resp, 424)["missing"] == [f"extracted:{report}"]
 
 
 # -- budgets -----------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ has finished: the milestone keys (rendered like lock keys) are checked in the sh
 any that is missing refuses the call with 424 `dependency_pending`, naming what is missing, with
 `x-should-retry: false` (retrying at once will not help; the agent should do other work). A rule's
 `complete: {key, ttl}` records its milestone once the upstream answers 2xx, before the answer reaches the
-agent, so whoever waits on it can go on at once, on any sidecar.
+agent, so whoever waits on it can go on at once, on any sidecar. A milestone found in the store is trusted
+for `SEEN_FOR` (a second) before the store is asked again, so a busy gate costs no store call per request;
+clearing a milestone by hand therefore takes effect within that second.
 
 The store being down refuses calls that require milestones with 503 `store_unavailable` (fail closed); a
 milestone that cannot be recorded after a 2xx is logged and noted in the audit record (the call itself went
@@ -15,6 +17,7 @@ through; `bastion milestones complete KEY` records it by hand).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -34,11 +37,20 @@ def _fleet(flow: http.HTTPFlow) -> dict[str, Any]:
     return flow.metadata.setdefault(flowmeta.FLEET, {})  # type: ignore[no-any-return]
 
 
+SEEN_FOR = 1.0
+"""How long a sidecar trusts that a milestone it found exists (seconds) before asking the store again. A
+milestone only appears by itself; clearing one by hand takes effect on every sidecar within this."""
+
+MAX_SEEN = 10_000
+
+
 class Milestones:
     """Pipeline stage before the approval stage (no person is asked about a call that cannot go yet)."""
 
-    def __init__(self, store: FleetStore) -> None:
+    def __init__(self, store: FleetStore, seen_for: float = SEEN_FOR) -> None:
         self.store = store
+        self.seen_for = seen_for
+        self._seen: dict[str, float] = {}  # milestone key -> monotonic time until which it is known to exist
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response is not None:
@@ -46,7 +58,20 @@ class Milestones:
         pending = flow.metadata.get(flowmeta.OBLIGATIONS)
         if not pending or flowmeta.OBLIGATION_MILESTONE not in pending:
             return None
+        requires = flow.metadata[flowmeta.DECISION].requires
+        now = time.monotonic()
+        if all(self._seen.get(need.key, 0.0) > now for need in requires):  # found moments ago: no store call
+            _fleet(flow)["requires"] = list(dict.fromkeys(need.key for need in requires))
+            pending.discard(flowmeta.OBLIGATION_MILESTONE)
+            return None
         return self._check(flow)
+
+    def forget(self, key: str | None = None) -> None:
+        """Ask the store again next time (a milestone cleared through this sidecar's API): `key`, or all."""
+        if key is None:
+            self._seen.clear()
+        else:
+            self._seen.pop(key, None)
 
     async def _check(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata
@@ -68,6 +93,12 @@ class Milestones:
                              rule=rule)
             return
         _fleet(flow)["requires"] = keys
+        if len(self._seen) >= MAX_SEEN:
+            self._seen.clear()
+        until = time.monotonic() + self.seen_for
+        for key in keys:
+            if key not in missing:
+                self._seen[key] = until
         if missing:
             _fleet(flow)["missing"] = missing
             DEPENDENCY_PENDING.inc()

@@ -93,6 +93,7 @@ class Fleet:
 
     store: Any
     watch: Any
+    milestones: Any = None  # the Milestones stage, once built (a milestone cleared here is forgotten at once)
 
 
 def build_proxy(settings: ServeSettings, state: PolicyState, protected: ProtectedTargets,
@@ -156,7 +157,8 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
         from bastion.proxy.pauses import PauseCheck
 
         stages.insert(stages.index(guard), PauseCheck(fleet.watch))
-        stages.insert(stages.index(gate), Milestones(fleet.store))
+        fleet.milestones = Milestones(fleet.store)
+        stages.insert(stages.index(gate), fleet.milestones)
     if holds is not None:  # approvals first: a lock is taken only for a call no person still has to decide on
         stages.insert(stages.index(gate), holds)
     if fleet is not None:  # a call that waited for a person while its agent was paused; then its budgets
@@ -344,7 +346,7 @@ async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, flee
     logging.getLogger("mitmproxy.proxy.mode_servers").addFilter(_DropListenErrors())
     from bastion.dashboard.fleet_api import FLEET_LISTENERS
 
-    runner.app[FLEET_LISTENERS].append(lambda event: _apply_fleet_event(fleet.watch, event))
+    runner.app[FLEET_LISTENERS].append(lambda event: _apply_fleet_event(fleet, event))
     proxy = build_proxy(settings, state, protected, trust, store, audit.capture if audit is not None else None,
                         holds, fleet)
     if settings.listen[1] != 0:
@@ -424,15 +426,18 @@ async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, flee
     return EXIT_OK
 
 
-def _apply_fleet_event(watch: Any, event: dict[str, Any]) -> None:
-    """A pause or resume made through this sidecar's admin API applies here at once (others poll)."""
+def _apply_fleet_event(fleet: Fleet, event: dict[str, Any]) -> None:
+    """A pause, resume or cleared milestone made through this sidecar's admin API applies here at once (other
+    sidecars poll)."""
     from bastion.coord.fleet import Pause
 
-    pause = event.get("record")
-    if event.get("action") == "pause" and isinstance(pause, Pause):
-        watch.add(pause)
-    elif event.get("action") == "resume" and isinstance(event.get("agent"), str):
-        watch.remove(event["agent"])
+    pause, action = event.get("record"), event.get("action")
+    if action == "pause" and isinstance(pause, Pause):
+        fleet.watch.add(pause)
+    elif action == "resume" and isinstance(event.get("agent"), str):
+        fleet.watch.remove(event["agent"])
+    elif action == "milestone_clear" and fleet.milestones is not None:
+        fleet.milestones.forget(event.get("key"))
 
 
 async def _stop_master(proxy: Proxy, run_task: asyncio.Task[Any]) -> None:
