@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -34,7 +32,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lock_proxy_bench import Cell, delete_prefix, redis_reachable, role_upstream, start  # this directory
+import lock_proxy_bench  # this directory
+from lock_proxy_bench import Cell, start
 from proxy_bench import stop
 
 AGENT = "bench-bot"
@@ -122,51 +121,8 @@ def bench_backend(name: str, store: str, upstream: str, tmp: Path, args: argpars
         stop(proc)
 
 
-def table(cells: list[Cell]) -> str:
-    base = {c.backend: c.rps for c in cells if c.workload == "plain"}
-    lines = ["| store | workload | req/s | p50 ms | p99 ms | vs plain | errors |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for c in cells:
-        ratio = c.rps / base[c.backend] if base.get(c.backend) else float("nan")
-        lines.append(f"| {c.backend} | {c.workload} | {c.rps:,.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | "
-                     f"{ratio:.2f}x | {c.errors} |")
-    return "\n".join(lines)
-
-
 def main() -> int:
-    if sys.argv[1:] == ["_upstream"]:
-        role_upstream()
-        return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per workload")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each workload")
-    parser.add_argument("--conns", type=int, default=16, help="concurrent keep-alive connections")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per workload; the median round is shown")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL (loopback only)")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bastion-fleetbench-") as tmpdir:
-        tmp = Path(tmpdir)
-        (tmp / "rules.yaml").write_text(RULES)
-        upstream_proc, m = start([sys.executable, __file__, "_upstream"], tmp / "upstream.log", r"^(\d+)$")
-        upstream = f"http://127.0.0.1:{m.group(1)}"
-        prefix = f"bastionbench:{uuid.uuid4().hex}:"
-        backends = [("sqlite", f"sqlite:///{tmp / 'bastion.db'}")]
-        if redis_reachable(args.redis):
-            backends.append(("redis", f"{args.redis}?prefix={prefix}"))
-        else:
-            print(f"redis: skipped ({args.redis} does not answer)", file=sys.stderr)
-        cells: list[Cell] = []
-        try:
-            for name, store in backends:
-                cells += bench_backend(name, store, upstream, tmp, args)
-        finally:
-            stop(upstream_proc)
-            if len(backends) > 1:
-                delete_prefix(args.redis, prefix)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-          f"{args.conns} connections, median of {args.rounds} rounds of {args.seconds:g}s per workload")
-    print(table(cells))
-    return 0
+    return lock_proxy_bench.main(RULES, bench_backend, "plain", __doc__)
 
 
 if __name__ == "__main__":

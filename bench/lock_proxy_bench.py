@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,9 +194,9 @@ def bench_backend(name: str, store: str, upstream: str, tmp: Path, args: argpars
         stop(proc)
 
 
-def table(cells: list[Cell]) -> str:
-    base = {c.backend: c.rps for c in cells if c.workload == "no lock"}
-    lines = ["| store | workload | req/s | p50 ms | p99 ms | vs no lock | errors |",
+def table(cells: list[Cell], baseline: str = "no lock") -> str:
+    base = {c.backend: c.rps for c in cells if c.workload == baseline}
+    lines = [f"| store | workload | req/s | p50 ms | p99 ms | vs {baseline} | errors |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for c in cells:
         ratio = c.rps / base[c.backend] if base.get(c.backend) else float("nan")
@@ -204,24 +205,27 @@ def table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(rules: str = RULES, bench: Callable[..., list[Cell]] | None = None, baseline: str = "no lock",
+         description: str | None = __doc__) -> int:
+    """Run `bench(name, store_url, upstream_url, tmp, args)` on SQLite and Redis and print the table (shared with
+    fleet_bench.py, which measures other workloads the same way)."""
     if sys.argv[1:] == ["_upstream"]:
         role_upstream()
         return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per workload")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each workload")
     parser.add_argument("--conns", type=int, default=16, help="concurrent keep-alive connections")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per workload; the median round is shown")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL (loopback only)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bastion-lockbench-") as tmpdir:
+    with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        (tmp / "rules.yaml").write_text(RULES)
+        (tmp / "rules.yaml").write_text(rules)
         upstream_proc, m = start([sys.executable, __file__, "_upstream"], tmp / "upstream.log", r"^(\d+)$")
         upstream = f"http://127.0.0.1:{m.group(1)}"
         prefix = f"bastionbench:{uuid.uuid4().hex}:"
-        backends = [("sqlite", f"sqlite:///{tmp / 'locks.db'}")]
+        backends = [("sqlite", f"sqlite:///{tmp / 'bastion.db'}")]
         if redis_reachable(args.redis):
             backends.append(("redis", f"{args.redis}?prefix={prefix}"))
         else:
@@ -229,14 +233,14 @@ def main() -> int:
         cells: list[Cell] = []
         try:
             for name, store in backends:
-                cells += bench_backend(name, store, upstream, tmp, args)
+                cells += (bench or bench_backend)(name, store, upstream, tmp, args)
         finally:
             stop(upstream_proc)
             if len(backends) > 1:
                 delete_prefix(args.redis, prefix)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{args.conns} connections, median of {args.rounds} rounds of {args.seconds:g}s per workload")
-    print(table(cells))
+    print(table(cells, baseline))
     return 0
 
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from bastion.coord.store import MAX_NAME_LENGTH, MAX_TTL, GuardedStore, iso_time
+from bastion.coord.store import MAX_TTL, GuardedStore, check_name, iso_time
 
 Unit = Literal["calls", "tokens"]
 PauseAction = Literal["pause", "hold"]
@@ -127,13 +127,6 @@ class Exceeded:
     resets_at: float
 
     granted: ClassVar[bool] = False
-
-
-def check_name(value: str, what: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{what} must be a non-empty string")
-    if len(value) > MAX_NAME_LENGTH:
-        raise ValueError(f"{what} is longer than {MAX_NAME_LENGTH} characters")
 
 
 def check_seconds(value: float, what: str, most: float) -> float:

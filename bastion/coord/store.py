@@ -143,7 +143,8 @@ def iso_time(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _check_name(value: str, what: str) -> None:
+def check_name(value: str, what: str) -> None:
+    """A key or agent name the stores accept: a non-empty string of at most MAX_NAME_LENGTH characters."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string")
     if len(value) > MAX_NAME_LENGTH:
@@ -201,8 +202,8 @@ class LockStore(GuardedStore):
         A renewal never shortens a lease: the expiry becomes the later of the current one and now + ttl.
         A lock handed off to `agent` is claimed by this call, with a new fence. Anyone else gets `Conflict`.
         """
-        _check_name(key, "lock key")
-        _check_name(agent, "agent")
+        check_name(key, "lock key")
+        check_name(agent, "agent")
         ttl = _check_ttl(ttl)
         start = time.perf_counter()
         result = await self._guard("acquire", self._acquire(key, agent, ttl))
@@ -214,8 +215,8 @@ class LockStore(GuardedStore):
 
         Read-only: it does not extend the lease. Call it as late as possible before acting under the lock.
         """
-        _check_name(key, "lock key")
-        _check_name(agent, "agent")
+        check_name(key, "lock key")
+        check_name(agent, "agent")
         return await self._guard("verify", self._verify(key, agent, int(fence)))
 
     async def release(self, key: str, agent: str, fence: int | None = None) -> bool:
@@ -224,13 +225,13 @@ class LockStore(GuardedStore):
         Passing the fence makes a late or repeated release harmless: it can never free a newer grant.
         A former holder cannot release a lock that was handed off.
         """
-        _check_name(key, "lock key")
-        _check_name(agent, "agent")
+        check_name(key, "lock key")
+        check_name(agent, "agent")
         return await self._guard("release", self._release(key, agent, None if fence is None else int(fence)))
 
     async def admin_release(self, key: str) -> LockInfo | None:
         """Free `key` whoever holds it (or whoever it is offered to). Returns what was freed, None if free."""
-        _check_name(key, "lock key")
+        check_name(key, "lock key")
         return await self._guard("admin_release", self._admin_release(key))
 
     async def handoff(self, key: str, to_agent: str, ttl: float = DEFAULT_HANDOFF_TTL) -> LockInfo | None:
@@ -240,14 +241,14 @@ class LockStore(GuardedStore):
         `acquire` claims the lock with a new, higher fence. An offer not claimed within `ttl` seconds lapses
         and the lock is free. Handing off a pending offer re-targets it.
         """
-        _check_name(key, "lock key")
-        _check_name(to_agent, "agent")
+        check_name(key, "lock key")
+        check_name(to_agent, "agent")
         ttl = _check_ttl(ttl, "handoff ttl")
         return await self._guard("handoff", self._handoff(key, to_agent, ttl))
 
     async def get(self, key: str) -> LockInfo | None:
         """The live lock `key`, or None if it is free."""
-        _check_name(key, "lock key")
+        check_name(key, "lock key")
         return await self._guard("get", self._get(key))
 
     async def list_locks(self) -> list[LockInfo]:
