@@ -215,7 +215,7 @@ def test_budgets_list_with_and_without_usage(capsys, rules: Path, store_url: str
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "calls-per-agent unit=calls limit=100 per=1h agents=* key={agent}"
-    assert lines[1].startswith("  key=support-bot used=3 reserved=3 remaining=97 resets_at=")
+    assert lines[1].startswith("  key=support-bot used=3 reserved=0 remaining=97 resets_at=")
     assert lines[2] == "llm-tokens unit=tokens limit=20000 per=1d agents=role:billing key={agent}"
     assert lines[3] == "  used=0 reserved=0 remaining=20000 (nothing used in the current window)"
     code, out, _ = bastion(capsys, "budgets", "list", "--format", "json", *as_user(rules, "bob"))

@@ -80,7 +80,8 @@ class Pause:
 
 @dataclass(frozen=True, slots=True)
 class BudgetUsage:
-    """One budget key's current window: `used` counts settled usage plus `reserved` (calls in flight)."""
+    """One budget key's current window: `used` counts settled usage plus `reserved`, the tokens of LLM calls in
+    flight (a call budget's call is settled in full when admitted, so it never shows as reserved)."""
 
     budget: str
     key: str

@@ -96,7 +96,10 @@ if ARGV[4] == 'calls' then admitted = used + amount <= limit else admitted = use
 if not admitted and not exists then return {0, used, start, ends} end
 if admitted then
   used = redis.call('HINCRBY', name, 'used', ARGV[7])
-  redis.call('HINCRBY', name, 'reserved', ARGV[7])
+  -- tokens stay reserved until settled; a call is settled in full when admitted
+  local in_flight = 0
+  if ARGV[4] == 'tokens' then in_flight = amount end
+  redis.call('HINCRBY', name, 'reserved', in_flight)
 end
 -- the window shows this call's limit, unit and length (a reload may have changed them)
 redis.call('HSET', name, 'budget', ARGV[3], 'key', ARGV[2], 'unit', ARGV[4], 'limit', ARGV[5],

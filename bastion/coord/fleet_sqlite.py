@@ -181,7 +181,8 @@ class SqliteFleetStore(FleetStore):
                 # Nothing added, but the row shows this call's limit (a reload may have changed it).
                 conn.execute(_BUDGET_TOUCH, (unit, limit, end, end + per, budget, key, start))
                 return Exceeded(budget=budget, key=key, unit=unit, limit=limit, used=used, resets_at=end)
-            conn.execute(_BUDGET_ADD, (budget, key, start, end, end + per, unit, limit, amount, amount))
+            in_flight = amount if unit == "tokens" else 0  # a call is settled in full when admitted
+            conn.execute(_BUDGET_ADD, (budget, key, start, end, end + per, unit, limit, amount, in_flight))
             self._purge(conn, now)
             return Reservation(budget=budget, key=key, unit=unit, amount=amount, limit=limit, used=used + amount,
                                window_start=start, resets_at=end)
