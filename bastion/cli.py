@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # Order here is the order in `bastion --help`.
 COMMAND_MODULES = (
     "bastion.policy.commands",
+    "bastion.policy.replay_commands",
     "bastion.proxy.commands",
     "bastion.coord.commands",
     "bastion.coord.approval_commands",

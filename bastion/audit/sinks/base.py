@@ -226,3 +226,10 @@ class AuditStore(abc.ABC):
             if page.next is None:
                 return
             cursor = page.next
+
+    async def scan(self, q: RecordQuery) -> AsyncIterator[AuditRecord]:
+        """Every record matching `q`, streamed with bounded memory for a whole-log pass (`bastion replay`).
+        Oldest first here (keyset pages of `q.limit`); a store that cannot page cheaply streams in storage
+        order instead."""
+        async for record in self.iter_records(replace(q, ascending=True, cursor=None)):
+            yield record

@@ -262,6 +262,16 @@ class JsonlStore(AuditStore):
         records = [r for r in (_parse(o, bodies=q.bodies) for _, o in hits[:limit]) if r is not None]
         return Page(records, page_key(records[-1]) if len(hits) > limit and records else None)
 
+    async def scan(self, q: RecordQuery) -> AsyncIterator[AuditRecord]:
+        """Storage order, writer by writer, one pass over the files: each `query` page would read them all."""
+        objs = self._all()
+        while True:
+            batch = await self._run(_matching, objs, q, max(1, min(q.limit, MAX_PAGE)))
+            if not batch:
+                return
+            for record in batch:
+                yield record
+
     async def changes(self, token: str | None, limit: int = 500) -> tuple[list[AuditRecord], str]:
         return await self._run(self._changes_sync, token, limit)
 
@@ -417,6 +427,18 @@ def _chain_row(obj: dict[str, Any]) -> ChainRow:
     purged = obj.get("purged_us")
     return ChainRow(_seq(obj), str(obj.get("hash")), canonical(hashed_form(obj)), bodies[0], bodies[1],
                     purged if isinstance(purged, int) else None, {}, packed=False)
+
+
+def _matching(objs: Iterator[dict[str, Any]], q: RecordQuery, n: int) -> list[AuditRecord]:
+    """The next `n` records of `objs` that match `q` (fewer at the end)."""
+    out: list[AuditRecord] = []
+    for obj in objs:
+        rec = _parse(obj, bodies=q.bodies)
+        if rec is not None and _matches(rec, q):
+            out.append(rec)
+            if len(out) >= n:
+                break
+    return out
 
 
 def _take(it: Iterator[dict[str, Any]], n: int) -> list[dict[str, Any]]:
