@@ -1,9 +1,8 @@
-"""Policy authors' commands: `check`, `explain`, `test`, `token`.
+"""Policy authors' commands: `check`, `explain`, `test`, `diff`, `token`.
 
 Exit codes (README, "Configuration reference"): `check` 0 ok / 3 invalid; `explain` 0 allow / 2 deny or
-hold / 3 invalid policy;
-`test` 0 all pass / 1 any failure / 3 invalid policy. Problems are printed as `FILE:LINE: message`, never as
-a traceback.
+hold / 3 invalid policy; `test` 0 all pass / 1 any failure / 3 invalid policy; `diff` 0 no semantic change /
+1 changes / 3 invalid policy. Problems are printed as `FILE:LINE: message`, never as a traceback.
 """
 
 from __future__ import annotations
@@ -44,6 +43,12 @@ def register(sub: Any) -> None:
     p.add_argument("--rules", action="append", metavar="PATH", help="rules file or directory (BASTION_RULES)")
     p.add_argument("files", nargs="+", metavar="TESTFILE")
     p.set_defaults(handler=cmd_test)
+
+    p = sub.add_parser("diff", help="what changed in meaning between two policies (exit 0 same, 1 changed)")
+    p.add_argument("old", metavar="OLD", help="rules file or directory before the change")
+    p.add_argument("new", metavar="NEW", help="rules file or directory after the change")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(handler=cmd_diff)
 
     p = sub.add_parser("token", help="make a new random token and the YAML line holding its sha256")
     p.add_argument("name", type=_agent_or_user_name,
@@ -186,6 +191,22 @@ def cmd_test(args: argparse.Namespace) -> int:
     if not report.results and not report.load_errors:
         print("no test cases found", file=sys.stderr)
     return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Both sides are validated first (every problem of both is shown): a diff of an invalid policy would
+    describe rules the proxy refuses to load."""
+    from bastion.policy.diff import diff_views, policy_view, render_text
+    from bastion.policy.load import parsed_files
+
+    old, new = _load([args.old]), _load([args.new])
+    if old is None or new is None:
+        return EXIT_INVALID
+    d = diff_views(policy_view(old, parsed_files([args.old]), [args.old]),
+                   policy_view(new, parsed_files([args.new]), [args.new]))
+    # default=str: a YAML date in a condition is a date, and shows as one
+    print(json.dumps(d.to_json(), indent=2, default=str) if args.format == "json" else "\n".join(render_text(d)))
+    return EXIT_FAIL if d.changed else EXIT_OK
 
 
 def cmd_token(args: argparse.Namespace) -> int:

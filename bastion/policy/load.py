@@ -180,6 +180,21 @@ def _parse_file(name: str, text: str, issues: list[PolicyIssue]) -> _Source | No
     return _Source(name, doc, model)
 
 
+def parsed_files(paths: typing.Sequence[str | Path]) -> list[tuple[str, YamlDocument, PolicyFile]]:
+    """Each policy file of `paths` as `load_policy` reads it: its name, its YAML with lines, its validated
+    model. For tools that need what the compiled `Policy` drops (which file and line holds an entry, what was
+    left to its default); call it on paths `load_policy` accepted (files that do not parse are left out)."""
+    out: list[tuple[str, YamlDocument, PolicyFile]] = []
+    for f in policy_files(paths)[0]:
+        try:
+            src = _parse_file(str(f), f.read_bytes().decode("utf-8"), [])
+        except (OSError, UnicodeDecodeError):
+            continue
+        if src is not None:
+            out.append((src.file, src.doc, src.model))
+    return out
+
+
 def _explain_pydantic(err: Any) -> str:
     loc = err["loc"]
     where = ".".join(str(p) for p in loc)
