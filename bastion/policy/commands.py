@@ -1,8 +1,8 @@
-"""Policy authors' commands: `check`, `explain`, `test`, `diff`, `token`.
+"""Policy authors' commands: `check`, `explain`, `test`, `diff`, `token`, `schema`.
 
 Exit codes (README, "Configuration reference"): `check` 0 ok / 3 invalid; `explain` 0 allow / 2 deny or
 hold / 3 invalid policy; `test` 0 all pass / 1 any failure / 3 invalid policy; `diff` 0 no semantic change /
-1 changes / 3 invalid policy. Problems are printed as `FILE:LINE: message`, never as a traceback.
+1 changes / 3 invalid policy; `schema` 0. Problems are printed as `FILE:LINE: message`, never as a traceback.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ def register(sub: Any) -> None:
     p.add_argument("name", type=_agent_or_user_name,
                    help="agent or user name: 1-128 letters, digits and _ . @ -, starting with a letter or digit")
     p.set_defaults(handler=cmd_token)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of rules files, for editors (exit 0)")
+    p.add_argument("--output", metavar="FILE", help="write it to FILE instead of stdout")
+    p.set_defaults(handler=cmd_schema)
 
 
 def _agent_or_user_name(text: str) -> str:
@@ -216,4 +220,16 @@ def cmd_token(args: argparse.Namespace) -> int:
     print(f'{args.name}: {{token_sha256: "{digest}"}}')
     print(f"# line 1: the secret token, give it to {args.name} only; line 2: goes under `agents:` or `users:` "
           "in the rules", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """The JSON Schema editors validate and complete rules files with (rules/bastion-rules.schema.json)."""
+    from bastion.policy.jsonschema import schema_text
+
+    text = schema_text()
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
     return EXIT_OK

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import ipaddress
+import itertools
 import re
 import typing
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from bastion.policy.matchers import (
     compile_path,
     compile_template,
 )
+from bastion.policy.pacing import Pacer
 from bastion.policy.schema import NAME, ApprovalModel, CompleteModel, MatchModel, PolicyFile, RuleModel
 from bastion.policy.traffic_matchers import compile_llm, compile_mcp
 from bastion.policy.yamlsource import YamlDocument, parse_yaml
@@ -140,6 +142,7 @@ def load_policy(paths: typing.Sequence[str | Path]) -> Policy:
     files, issues = policy_files(paths)
     sources: list[_Source] = []
     digest = _Revision()
+    pacer = Pacer()  # a reload runs on a worker thread: let the event loop take the GIL (pacing.py)
     for f in files:
         name = str(f)
         try:
@@ -149,19 +152,34 @@ def load_policy(paths: typing.Sequence[str | Path]) -> Policy:
             issues.append(PolicyIssue(name, None, f"cannot read: {e}"))
             continue
         digest.add(f, raw)
-        src = _parse_file(name, text, issues)
+        src = _parse_file(name, text, issues, pacer.pace)
         if src is not None:
             sources.append(src)
     if issues:
         raise PolicyLoadError(issues)
-    policy = _compile(sources, issues, digest.hexdigest(), tuple(str(f) for f in files))
+    _release(sources, pacer.pace)
+    policy = _compile(sources, issues, digest.hexdigest(), tuple(str(f) for f in files), pacer.pace)
     if issues or policy is None:
         raise PolicyLoadError(issues)
     return policy
 
 
-def _parse_file(name: str, text: str, issues: list[PolicyIssue]) -> _Source | None:
-    doc = parse_yaml(text)
+def _release(sources: list[_Source], pace: typing.Callable[[], None]) -> None:
+    """Free the files' YAML rules once validated: compiling reads the models (and the lines), never the data,
+    and the models hold lists of their own. Freed before compiling, they are not walked by the garbage
+    collections that compiling sets off (50,000 rules load 6% faster). Freed a slice at a time, because all
+    at once, when `load_policy` returns, they are one cascade of deallocations that holds the GIL: 10 ms for
+    10,000 rules, during which a reload's event loop cannot run."""
+    for src in sources:
+        rules = src.doc.data.get("rules") if isinstance(src.doc.data, dict) else None
+        while isinstance(rules, list) and rules:
+            del rules[-VALIDATE_CHUNK:]
+            pace()
+
+
+def _parse_file(name: str, text: str, issues: list[PolicyIssue],
+                pace: typing.Callable[[], None] | None = None) -> _Source | None:
+    doc = parse_yaml(text, pace)
     issues.extend(PolicyIssue(name, i.line, i.message) for i in doc.issues)
     if doc.issues:
         return None
@@ -171,13 +189,54 @@ def _parse_file(name: str, text: str, issues: list[PolicyIssue]) -> _Source | No
     if not isinstance(doc.data, dict):
         issues.append(PolicyIssue(name, doc.line_of(()), "a policy file must be a mapping with `version: 1`"))
         return None
-    try:
-        model = PolicyFile.model_validate(doc.data)
-    except pydantic.ValidationError as e:
-        for err in e.errors():
+    model = _validate(doc.data, pace)
+    if not isinstance(model, PolicyFile):
+        for err in model:
             issues.append(PolicyIssue(name, doc.line_of(err["loc"]), _explain_pydantic(err)))
         return None
     return _Source(name, doc, model)
+
+
+VALIDATE_CHUNK = 250  # rules per validation call: about 1 ms (2 vCPUs)
+_RULE_LIST: pydantic.TypeAdapter[list[RuleModel]] = pydantic.TypeAdapter(list[RuleModel])
+_BEFORE_RULES = frozenset(itertools.takewhile(lambda f: f != "rules", PolicyFile.model_fields))
+
+
+def _validate(data: dict[str, Any], pace: typing.Callable[[], None] | None = None) -> PolicyFile | list[Any]:
+    """`PolicyFile.model_validate(data)`, or its errors (`ValidationError.errors()`, in the same order).
+
+    Validation is one call into pydantic-core that holds the GIL throughout: 38 ms for 10,000 rules, 200 ms
+    for 50,000, during which a reload's event loop cannot run. So the rules are validated `VALIDATE_CHUNK` at
+    a time, with `pace()` between chunks, and the rest of the file with an empty rule list. The result is
+    the same model; errors are merged in pydantic's order: the fields before `rules`, the rules, then the
+    fields after it and unknown keys."""
+    rules = data.get("rules")
+    if not isinstance(rules, list) or len(rules) <= VALIDATE_CHUNK:
+        try:
+            return PolicyFile.model_validate(data)
+        except pydantic.ValidationError as e:
+            return list(e.errors())
+    head: PolicyFile | None = None
+    errors: list[Any] = []
+    try:
+        head = PolicyFile.model_validate({**data, "rules": []})
+    except pydantic.ValidationError as e:
+        errors = list(e.errors())
+    validated: list[RuleModel] = []
+    rule_errors: list[Any] = []
+    for start in range(0, len(rules), VALIDATE_CHUNK):
+        if pace is not None:
+            pace()
+        try:
+            validated.extend(_RULE_LIST.validate_python(rules[start:start + VALIDATE_CHUNK]))
+        except pydantic.ValidationError as e:
+            rule_errors.extend({**err, "loc": ("rules", start + err["loc"][0], *err["loc"][1:])}
+                               for err in e.errors())
+    if head is not None and not rule_errors:
+        return head.model_copy(update={"rules": validated})
+    cut = next((i for i, err in enumerate(errors) if not err["loc"] or err["loc"][0] not in _BEFORE_RULES),
+               len(errors))
+    return [*errors[:cut], *rule_errors, *errors[cut:]]
 
 
 def parsed_files(paths: typing.Sequence[str | Path]) -> list[tuple[str, YamlDocument, PolicyFile]]:
@@ -254,7 +313,8 @@ def _inner_model(annotation: Any) -> Any:
 
 
 def _compile(
-    sources: list[_Source], issues: list[PolicyIssue], revision: str, files: tuple[str, ...]
+    sources: list[_Source], issues: list[PolicyIssue], revision: str, files: tuple[str, ...],
+    pace: typing.Callable[[], None] | None = None,
 ) -> Policy | None:
     defaults_at: list[_Source] = [s for s in sources if s.model.defaults is not None]
     if not defaults_at:
@@ -276,14 +336,17 @@ def _compile(
 
     agents: dict[str, AgentSpec] = {}
     users: dict[str, UserSpec] = {}
-    seen_at: dict[tuple[str, str], str] = {}
+    # Where each name was first defined; its FILE:LINE is only spelled out for a duplicate (a rule id's line
+    # is three levels deep, which a valid policy never needs to look up: see yamlsource.SHALLOW_DEPTH).
+    seen_at: dict[tuple[str, str], tuple[_Source, tuple[str | int, ...]]] = {}
 
     def first_time(kind: str, name: str, src: _Source, path: tuple[str | int, ...]) -> bool:
-        where = f"{src.file}:{src.doc.line_of(path)}"
-        if (kind, name) in seen_at:
-            issues.append(src.at(path, f"duplicate {kind} {name!r} (first defined at {seen_at[(kind, name)]})"))
+        first = seen_at.get((kind, name))
+        if first is not None:
+            where = f"{first[0].file}:{first[0].doc.line_of(first[1])}"
+            issues.append(src.at(path, f"duplicate {kind} {name!r} (first defined at {where})"))
             return False
-        seen_at[(kind, name)] = where
+        seen_at[(kind, name)] = (src, path)
         return True
 
     for src in sources:
@@ -308,19 +371,23 @@ def _compile(
     agent_roles = {r for a in agents.values() for r in a.roles}
     user_roles = {r for u in users.values() for r in u.roles} | {"approver", "admin"}
     rules: list[CompiledRule] = []
+    shared: SharedBlocks = {}
     for src in sources:
         for i, rm in enumerate(src.model.rules):
             path: tuple[str | int, ...] = ("rules", i)
+            if pace is not None:
+                pace()
             if not first_time("rule id", rm.id, src, (*path, "id")):
                 continue
-            compiled = _compile_rule(rm, src, path, agents, agent_roles, users, user_roles, normalize.path_case)
+            compiled = _compile_rule(rm, src, path, agents, agent_roles, users, user_roles, normalize.path_case,
+                                     shared)
             if isinstance(compiled, CompiledRule):
                 rules.append(compiled)
             else:
                 found = [src.at((*path, *e.subpath), f"rule {rm.id}: {e.message}") for e in compiled]
                 issues.extend(sorted(found, key=lambda i: i.line or 0))
 
-    budgets = _compile_budgets(sources, issues, agents, agent_roles, normalize.path_case, first_time)
+    budgets = _compile_budgets(sources, issues, agents, agent_roles, normalize.path_case, first_time, shared)
     guards = _compile_guards(sources, issues, agents, agent_roles, first_time)
     networks = []
     for src in sources:
@@ -364,7 +431,7 @@ def _compile(
     return Policy(default_effect=defaults.effect, default_mode=defaults.mode, agents=agents, users=users,
                   rules=rules, network_allow_private=tuple(networks), audit=audit, revision=revision,
                   sources=files, approvals=approvals, normalize=normalize, budgets=tuple(budgets),
-                  guards=tuple(guards))
+                  guards=tuple(guards), pace=pace)
 
 
 def _selector_problems(selectors: list[str], agents: dict[str, AgentSpec],
@@ -384,7 +451,8 @@ def _selector_problems(selectors: list[str], agents: dict[str, AgentSpec],
 
 
 def _compile_budgets(sources: list[_Source], issues: list[PolicyIssue], agents: dict[str, AgentSpec],
-                     agent_roles: set[str], path_case: str, first_time: Any) -> list[CompiledBudget]:
+                     agent_roles: set[str], path_case: str, first_time: Any,
+                     shared: SharedBlocks | None = None) -> list[CompiledBudget]:
     """Every `budgets:` entry of every file; ids are unique across files."""
     out: list[CompiledBudget] = []
     for src in sources:
@@ -398,7 +466,7 @@ def _compile_budgets(sources: list[_Source], issues: list[PolicyIssue], agents: 
             if bm.match is not None:
                 try:
                     matchers, _, _, _, captures = _compile_match(bm.match, ("match",), path_case == "insensitive",
-                                                                 path_case == "insensitive")
+                                                                 path_case == "insensitive", shared)
                 except CompileError as e:
                     problems.append(e)
             key = None
@@ -471,6 +539,7 @@ def _compile_rule(
     users: dict[str, UserSpec],
     user_roles: set[str],
     path_case: str = "cautious",
+    shared: SharedBlocks | None = None,
 ) -> CompiledRule | list[CompileError]:
     """One rule, compiled; or every problem found in it (so one `bastion check` run shows them all)."""
     problems: list[CompileError] = []
@@ -503,14 +572,15 @@ def _compile_rule(
     captures: frozenset[str] | None = None
     if rm.match is not None:
         compiled = attempt(_compile_match, rm.match, ("match",), _path_folds(path_case, rm.effect, False),
-                           fold_captures)
+                           fold_captures, shared)
         if compiled is not None:
             matchers, hosts, methods, ports, captures = compiled
     unless: list[UnlessBlock] = []
     blocks = rm.unless if isinstance(rm.unless, list) else [rm.unless] if rm.unless is not None else []
     for k, block in enumerate(blocks):
         sub = ("unless", k) if isinstance(rm.unless, list) else ("unless",)
-        compiled = attempt(_compile_match, block, sub, _path_folds(path_case, rm.effect, True), fold_captures)
+        compiled = attempt(_compile_match, block, sub, _path_folds(path_case, rm.effect, True), fold_captures,
+                           shared)
         if compiled is not None and not compiled[0]:
             problems.append(CompileError("an empty `unless` block would exempt every request", sub))
         elif compiled is not None:
@@ -567,10 +637,42 @@ def _as_list(v: Any) -> list[Any]:
     return v if isinstance(v, list) else [v]
 
 
+SharedBlocks = dict[tuple[Any, ...], tuple[Any, Matcher]]
+
+
+def _shared_block(shared: SharedBlocks | None, kind: tuple[Any, ...], value: Any,
+                  build: typing.Callable[[], tuple[Any, Matcher]]) -> tuple[Any, Matcher]:
+    """`build()`, or what it returned for an earlier block of this load that spelled `value` the same way.
+
+    Rules repeat hosts, methods and paths: 10,000 generated rules spell 2,238 distinct host lists, 25 method
+    lists and 16 path lists (8 paths, each compiled folded and not). Compiling each spelling once, and
+    sharing its immutable patterns and stateless matcher between the rules that spell it, takes compiling
+    and indexing those rules from 0.34 s to 0.21 s, and the matcher objects the policy keeps (which every
+    full garbage collection walks) from 35,000 to 6,600. The key is the exact text and the case folding
+    the patterns are compiled with, so `API.example.com` and `api.example.com`, or a path folded for a deny
+    rule and kept exact for an allow rule, stay separate (their explanations quote their own spelling).
+    `GET` and `[GET]` share: they compile alike. Only successes are kept: a bad value fails again, with the
+    path of the rule that holds it."""
+    if shared is None:
+        return build()
+    if type(value) is str:
+        key = (*kind, value)
+    elif type(value) is list and all(type(item) is str for item in value):
+        key = (*kind, *value)
+    else:
+        return build()
+    found = shared.get(key)
+    if found is None:
+        found = shared[key] = build()
+    return found
+
+
 def _compile_match(
-    m: MatchModel, base: tuple[str | int, ...], fold: bool = False, fold_captures: bool = False
+    m: MatchModel, base: tuple[str | int, ...], fold: bool = False, fold_captures: bool = False,
+    shared: SharedBlocks | None = None,
 ) -> tuple[list[Matcher], tuple[Any, ...], frozenset[str] | None, frozenset[int] | None, frozenset[str] | None]:
-    """One `match:` (or `unless:`) block -> matchers sorted cheapest first, plus index keys."""
+    """One `match:` (or `unless:`) block -> matchers sorted cheapest first, plus index keys. `shared`: the
+    blocks compiled so far in this load (see `_shared_block`)."""
 
     def sub(key: str, i: int | None = None, rest: tuple[str | int, ...] = ()) -> tuple[str | int, ...]:
         return (*base, key, *(() if i is None else (i,)), *rest)
@@ -587,24 +689,35 @@ def _compile_match(
                 raise CompileError(e.message, sub(key, i if isinstance(value, list) else None)) from None
         return out
 
+    def host_block() -> tuple[Any, Matcher]:
+        hosts = tuple(each("host", m.host, compile_host))
+        return hosts, HostMatcher(hosts)
+
+    def method_block() -> tuple[Any, Matcher]:
+        methods = frozenset(each("method", m.method, _method))
+        return methods, build_set_matcher("method", methods)
+
+    def path_block() -> tuple[Any, Matcher]:
+        patterns = tuple(each("path", m.path, lambda text: compile_path(text, fold)))
+        return frozenset.intersection(*(p.captures for p in patterns)), PathMatcher(patterns, fold, fold_captures)
+
     matchers: list[Matcher] = []
     hosts: tuple[Any, ...] = ()
     methods = ports = captures = None
     if m.host is not None:
-        hosts = tuple(each("host", m.host, compile_host))
-        matchers.append(HostMatcher(hosts))
+        hosts, matcher = _shared_block(shared, ("host",), m.host, host_block)
+        matchers.append(matcher)
     if m.method is not None:
-        methods = frozenset(each("method", m.method, _method))
-        matchers.append(build_set_matcher("method", methods))
+        methods, matcher = _shared_block(shared, ("method",), m.method, method_block)
+        matchers.append(matcher)
     if m.scheme is not None:
         matchers.append(build_set_matcher("scheme", frozenset(each("scheme", m.scheme, _scheme))))
     if m.port is not None:
         ports = frozenset(each("port", m.port, _port))
         matchers.append(build_set_matcher("port", ports))
     if m.path is not None:
-        patterns = tuple(each("path", m.path, lambda text: compile_path(text, fold)))
-        captures = frozenset.intersection(*(p.captures for p in patterns))
-        matchers.append(PathMatcher(patterns, fold, fold_captures))
+        captures, matcher = _shared_block(shared, ("path", fold, fold_captures), m.path, path_block)
+        matchers.append(matcher)
     for kind, spec in (("query", m.query), ("headers", m.headers), ("json", m.json_)):
         if spec is None:
             continue
