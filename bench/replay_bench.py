@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from audit_bench import drop_schema  # this directory
 
 from bastion.audit.record import DecisionFacts
 from bastion.audit.sample import sample_exchange
@@ -95,16 +98,6 @@ def timed(*args: str) -> tuple[float, str]:
     if done.returncode not in (0, 1):
         raise SystemExit(f"bastion {' '.join(args)} failed:\n{done.stderr}")
     return elapsed, done.stdout
-
-
-async def drop_schema(dsn: str, schema: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 def bench(url: str, work: Path, records: int) -> None:

@@ -155,7 +155,7 @@ def request_headers(record: Any) -> dict[str, str]:
     return out
 
 
-def _blind_spots(record: Any) -> dict[str, str]:
+def _blind_spots(record: Any, headers: dict[str, str]) -> dict[str, str]:
     """What the audit does not hold as the proxy saw it, as {fact read: why}. `*` means every decision."""
     spots: dict[str, str] = {}
     for path in record.redactions:
@@ -175,7 +175,7 @@ def _blind_spots(record: Any) -> dict[str, str]:
             spots["body"] = "the body was not stored" if record.purged_us is None else "the body was purged"
         elif body.truncated or not body.complete:
             spots["body"] = "the body was cut at the audit's size cap"
-    coding = request_headers(record).get("content-encoding", "").strip().lower()
+    coding = headers.get("content-encoding", "").strip().lower()
     if body is not None and body.size > 0 and coding not in ("", "identity"):
         spots["body"] = f"the body was stored decoded, the rules saw it {coding[:40]}-encoded"
     return spots
@@ -271,13 +271,13 @@ class Replay:
             facts.headers = _Watched(dict(facts.headers), read)
             decision = policy.evaluate(facts, agent)
         except FactsError:
-            spots = _blind_spots(record)
+            spots = _blind_spots(record, headers)
             if spots:  # a masked or cut request may be what the candidate refuses
                 return None, next(iter(spots.values()))
             return Verdict("deny", "deny", (MALFORMED,)), None
         except EvalError as e:  # evaluation itself fails closed in the engine; this is a last resort
             return None, f"cannot be evaluated: {e}"
-        spots = _blind_spots(record)
+        spots = _blind_spots(record, headers)
         if spots:
             if "*" in spots:
                 return None, spots["*"]
