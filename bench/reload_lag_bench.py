@@ -5,13 +5,15 @@ that thread for the GIL, and whatever the loader does in one long C call (or a g
 stalls every request for as long. A probe task sleeps 1 ms in a loop and records how late each wake-up is,
 first with the loop idle, then while `PolicyState.reload()` loads, compiles and swaps in a policy of the given
 size (a different policy from the running one, so the swap and the release of the old policy are counted).
+The running policy is settled first, as `bastion serve` does at startup (bastion/proxy/longlived.py).
 
     .venv/bin/python bench/reload_lag_bench.py [--rules 10000 50000] [--repeat 3]
 
 Prints, per size: the reload's wall time, the probe's worst and 99th-percentile lateness during the reload,
 the longest garbage collection during the reload (a collection holds the GIL, whichever thread set it off: when
-it equals the worst lateness, it is what bounded it), and the idle loop's figures for comparison; each the
-median of `--repeat` reloads.
+it equals the worst lateness, it is what bounded it), what the next full collection after the reload costs
+(the loop waits that long whenever one runs: it walks the new policy), and the idle loop's figures for
+comparison; each the median of `--repeat` reloads.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import yaml
 from policy_bench import generate
 
 from bastion.policy.load import load_policy
+from bastion.proxy.longlived import settle
 from bastion.proxy.state import PolicyState
 
 TICK = 0.001
@@ -65,9 +68,10 @@ def _figures(lags: list[float]) -> tuple[float, float]:
     return ordered[-1] * 1000, ordered[int(len(ordered) * 0.99)] * 1000
 
 
-async def _measure(state: PolicyState, idle_s: float) -> tuple[float, tuple[float, float, float],
+async def _measure(state: PolicyState, idle_s: float) -> tuple[float, tuple[float, float, float, float],
                                                                tuple[float, float]]:
-    """(reload seconds, (max lag, p99 lag, longest collection) during the reload, idle lag figures)."""
+    """(reload seconds, (max lag, p99 lag, longest collection) during the reload and the next full collection
+    after it, idle lag figures)."""
     stop, idle = asyncio.Event(), []
     task = asyncio.create_task(_probe(stop, idle))
     await asyncio.sleep(idle_s)
@@ -82,28 +86,34 @@ async def _measure(state: PolicyState, idle_s: float) -> tuple[float, tuple[floa
     t0 = time.perf_counter()
     result = await state.reload("bench")
     took = time.perf_counter() - t0
-    await asyncio.sleep(0.05)  # and keeps running through the swap and the release of the old policy
+    await state.retired()  # and keeps running through the swap and the release of the old policy
+    await asyncio.sleep(0.05)
     stop.set()
     await task
     gc.callbacks.remove(watch)
     if not result.ok or not result.changed:
         raise SystemExit(f"reload did not swap: {result}")
-    return took, (*_figures(busy), watch.longest * 1000), _figures(idle)
+    t0 = time.perf_counter()
+    gc.collect()  # what the next automatic full collection after the reload will cost the loop
+    after = (time.perf_counter() - t0) * 1000
+    return took, (*_figures(busy), watch.longest * 1000, after), _figures(idle)
 
 
-def bench(n: int, repeat: int) -> tuple[float, float, float, float, float, float]:
+def bench(n: int, repeat: int) -> tuple[float, float, float, float, float, float, float]:
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "policy.yaml"
         policies = [yaml.safe_dump(generate(n, random.Random(n * 10 + k)), sort_keys=False) for k in range(2)]
         f.write_text(policies[0])
         state = PolicyState([str(f)], load_policy([f]))
+        settle()  # as `bastion serve` does once it has started
         runs = []
         for i in range(repeat):
             f.write_text(policies[(i + 1) % 2])  # every reload changes the revision, so every one swaps
             runs.append(asyncio.run(_measure(state, 0.3)))
     took = statistics.median(r[0] for r in runs)
     return (took, statistics.median(r[1][0] for r in runs), statistics.median(r[1][1] for r in runs),
-            statistics.median(r[1][2] for r in runs), statistics.median(r[2][0] for r in runs),
+            statistics.median(r[1][2] for r in runs), statistics.median(r[1][3] for r in runs),
+            statistics.median(r[2][0] for r in runs),
             statistics.median(r[2][1] for r in runs))
 
 
@@ -116,12 +126,14 @@ def main() -> None:
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
     print(f"machine: {os.cpu_count()} cores, {cpu}; Python {platform.python_version()}")
     print(f"probe: 1 ms sleeps; median of {args.repeat} reloads\n")
-    print("| rules  | reload s | max lag ms | p99 lag ms | longest gc ms | idle max ms | idle p99 ms |")
-    print("|-------:|---------:|-----------:|-----------:|--------------:|------------:|------------:|")
+    print("| rules  | reload s | max lag ms | p99 lag ms | longest gc ms | next full gc ms | idle max ms "
+          "| idle p99 ms |")
+    print("|-------:|---------:|-----------:|-----------:|--------------:|----------------:|------------:"
+          "|------------:|")
     for n in args.rules:
-        took, mx, p99, gc_ms, idle_mx, idle_p99 = bench(n, args.repeat)
-        print(f"| {n:>6} | {took:>8.2f} | {mx:>10.1f} | {p99:>10.1f} | {gc_ms:>13.1f} | {idle_mx:>11.1f} "
-              f"| {idle_p99:>11.1f} |")
+        took, mx, p99, gc_ms, next_gc, idle_mx, idle_p99 = bench(n, args.repeat)
+        print(f"| {n:>6} | {took:>8.2f} | {mx:>10.1f} | {p99:>10.1f} | {gc_ms:>13.1f} | {next_gc:>15.1f} "
+              f"| {idle_mx:>11.1f} | {idle_p99:>11.1f} |")
 
 
 if __name__ == "__main__":

@@ -323,3 +323,91 @@ def test_a_paced_load_on_a_worker_thread_is_the_same_policy(tmp_path: Path,
     assert there[0].to_json() == here.to_json()
     facts = RequestFacts.from_url("GET", "https://h1.example.com/v1/9")
     assert there[0].evaluate(facts, "a") == here.evaluate(facts, "a")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Releasing a policy a piece at a time, and the collector during a reload
+
+class _Node:
+    """A weak-referenceable stand-in for a policy's objects."""
+
+    def __init__(self, *children: Any) -> None:
+        self.children = list(children)
+
+
+def _in_worker(fn: Any) -> Any:
+    out: list[Any] = []
+    worker = threading.Thread(target=lambda: out.append(fn()))
+    worker.start()
+    worker.join()
+    return out[0]
+
+
+def test_release_paced_frees_what_only_it_holds_and_leaves_the_rest() -> None:
+    import weakref
+
+    shared = _Node("kept")
+    leaves = [_Node() for _ in range(50)]
+    root = _Node({"a": leaves[:25], "b": (leaves[25:], shared)}, leaves[0])  # a leaf reached twice
+    refs = [weakref.ref(n) for n in (root, *leaves)]
+    holder: list[object] = [root]
+    del root, leaves
+    freed = _in_worker(lambda: pacing.release_paced(holder))
+    assert holder == []
+    assert all(r() is None for r in refs)
+    assert freed > 50
+    assert shared.children == ["kept"]  # held elsewhere: untouched, alive
+
+
+def test_release_paced_on_the_main_thread_just_drops_the_reference() -> None:
+    import weakref
+
+    root = _Node(_Node())
+    ref = weakref.ref(root)
+    holder: list[object] = [root]
+    del root
+    assert pacing.release_paced(holder) == 0
+    assert holder == [] and ref() is None
+
+
+def test_full_collections_are_deferred_inside_the_block_and_restored_after() -> None:
+    import gc
+
+    from bastion.proxy.longlived import full_collections_deferred
+
+    before = gc.get_threshold()
+    with full_collections_deferred():
+        inside = gc.get_threshold()
+        with full_collections_deferred():
+            assert gc.get_threshold() == inside
+        assert gc.get_threshold() == inside
+    assert inside[0] == before[0] and inside[2] > 10**6
+    assert gc.get_threshold() == before
+
+
+async def test_a_reload_frees_the_old_policy_once_no_request_holds_it(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import weakref
+
+    from bastion.proxy import state as statemod
+
+    monkeypatch.setattr(statemod, "RETIRE_POLL_S", 0.01)
+    f = tmp_path / "p.yaml"
+    text = "version: 1\ndefaults: {effect: deny}\nagents: {a: {}}\nrules:\n  - {id: r, effect: allow, agents: [a]}\n"
+    f.write_text(text)
+    st = await statemod.PolicyState.load([str(f)])
+    first = weakref.ref(st.policy)
+    in_flight = st.policy  # a request that started under the first policy
+    f.write_text(text.replace("id: r", "id: r2"))
+    assert (await st.reload("test")).changed
+    await asyncio.sleep(0.05)
+    assert first() is in_flight  # still in use: not taken apart
+    assert [r.id for r in in_flight.rules] == ["r"]
+    del in_flight
+    await st.retired()
+    assert first() is None
+    second = weakref.ref(st.policy)
+    assert not (await st.reload("test")).changed  # the same files: the fresh copy is freed, the active one kept
+    await st.retired()
+    assert second() is st.policy

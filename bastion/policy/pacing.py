@@ -13,13 +13,15 @@ Measured with a 1 ms sleep probe on the loop while a thread ran pure Python for 
 late by 5.4 ms at the median and 9 ms at the 99th percentile without pacing; 0.1 ms and 1.5 ms with it.
 
 Pacing cannot split what runs as one C call with the GIL held: a garbage collection (a full one walks every
-object the process tracks, the policies' included) and the release of a large structure (the previous policy,
-when the reload drops it). Those bound the loop's worst delay during a reload; bench/reload_lag_bench.py
-measures both.
+object the process tracks, the policies' included; bastion/proxy/longlived.py keeps those off a reload) and
+the release of a large structure (the previous policy, the parsed files once compiled), which is one cascade
+of deallocations unless `release_paced` takes it apart. bench/reload_lag_bench.py measures what is left.
 """
 
 from __future__ import annotations
 
+import gc
+import sys
 import threading
 import time
 
@@ -35,15 +37,41 @@ class Pacer:
     a worker thread took 0.89 s paced against 0.70 s unpaced (2 vCPUs). So on the main thread, where the
     loader runs for `bastion check` and nothing waits for it to finish a turn, pacing is off and free."""
 
-    __slots__ = ("_next",)
+    __slots__ = ("_next", "enabled")
 
     def __init__(self, enabled: bool | None = None) -> None:
         """`enabled`: None (the default) paces when not on the main thread."""
         if enabled is None:
             enabled = threading.current_thread() is not threading.main_thread()
+        self.enabled = enabled
         self._next = time.perf_counter() + SLICE_S if enabled else float("inf")
 
     def pace(self) -> None:
         if time.perf_counter() >= self._next:
             time.sleep(0)
             self._next = time.perf_counter() + SLICE_S
+
+
+def release_paced(holder: list[object]) -> int:
+    """Free the graph reachable from `holder[0]` (the caller's only reference, which this empties) one object
+    at a time, pacing between objects; returns how many objects it freed.
+
+    Nothing is modified: the walk only takes references (`gc.get_referents`) and drops them, so an object is
+    freed here exactly when it would have been freed anyway, just in a different order. An object someone else
+    still holds (a rule a request is still using, a class, an interned string) has more references than the
+    walk's own and is left alone; it is freed by its last holder as usual."""
+    pacer = Pacer()
+    if not pacer.enabled:  # nothing waits for this thread: plain deallocation is cheaper
+        holder.clear()
+        return 0
+    stack = [holder.pop()]
+    freed = 0
+    while stack:
+        obj = stack.pop()
+        if sys.getrefcount(obj) > 2:  # the local name and the call's argument: anything more is another holder
+            continue
+        stack.extend(gc.get_referents(obj))
+        del obj
+        freed += 1
+        pacer.pace()
+    return freed

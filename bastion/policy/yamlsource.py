@@ -137,6 +137,11 @@ class _PlainReader:
         root = get()
         self.lines[()] = root.start_mark.line + 1
         data = self.node(root, ())
+        scalars = self.scalars  # 100,000 entries for 50,000 rules: freed in one go, 15 ms of GIL on a reload
+        while scalars:
+            scalars.popitem()
+            if self.pace is not None:
+                self.pace()
         get()  # DocumentEndEvent
         if get().__class__ is not yaml.StreamEndEvent:
             raise _Declined  # a second document: the node reader reports it

@@ -34,6 +34,7 @@ from bastion.coord.store import LockStore
 from bastion.policy.engine import Policy
 from bastion.policy.load import PolicyIssue, PolicyLoadError
 from bastion.proxy.ca import ensure_ca, write_client_bundle, write_upstream_trust
+from bastion.proxy.longlived import settle
 from bastion.proxy.netcheck import ProtectedTargets, local_addresses, normalize, parse_ip
 from bastion.proxy.reload import RulesWatcher, cancel_and_wait
 from bastion.proxy.settings import ServeSettings
@@ -364,6 +365,7 @@ async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, flee
     listen_addr = ps.listen_addrs()[0]
     protected.add_local(int(listen_addr[1]), "Bastion's proxy listener", settings.listen[0])
     proxy.guard.forget_verdicts()
+    settle()  # what startup built lives as long as the process: later collections skip it
     proxy_running.set()
 
     policy = state.policy
