@@ -16,6 +16,7 @@ from bastion.audit.entry import Entry
 from bastion.audit.record import AuditRecord
 
 MAX_PAGE = 1000
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class StoreError(Exception):
@@ -142,11 +143,16 @@ def page_key(record: AuditRecord) -> str:
 
 
 def parse_page_key(cursor: str) -> tuple[int, str, int]:
+    """The key a `page_key` cursor names. StoreError for anything else, including numbers no store column can
+    hold (SQLite and PostgreSQL keep 64-bit integers and would otherwise fail with a driver error)."""
     try:
         started, writer, seq = cursor.split(".")
-        return int(started), writer, int(seq)
+        key = int(started), writer, int(seq)
     except ValueError:
         raise StoreError(f"bad page cursor {cursor!r}") from None
+    if not (_INT64_MIN <= key[0] <= _INT64_MAX and _INT64_MIN <= key[2] <= _INT64_MAX):
+        raise StoreError(f"bad page cursor {cursor!r}")
+    return key
 
 
 class AuditStore(abc.ABC):

@@ -280,6 +280,10 @@ class JsonlStore(AuditStore):
             seen: dict[str, int] = json.loads(token) if token else {}
         except ValueError:
             raise StoreError(f"bad change token {token!r}") from None
+        # A token is a JSON object of writer -> last seq; anything else (a SQL store's number, a hand-edited
+        # value) must be refused here, not fail later on `.get` or on arithmetic.
+        if not isinstance(seen, dict) or not all(type(v) is int for v in seen.values()):
+            raise StoreError(f"bad change token {token!r}")
         out: list[AuditRecord] = []
         for writer in self._writer_dirs():
             if token is None:  # just find where each chain ends now
@@ -361,13 +365,17 @@ class JsonlStore(AuditStore):
                 with open_private(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as f:
                     for obj in lines:
                         stripped = hashed_form(obj)
+                        # Like the SQL stores: only a record that had body content (which `hashed_form` drops)
+                        # loses bodies, says when, and is counted.
+                        had_bodies = stripped != {k: v for k, v in obj.items() if k not in ("hash", "purged_us")}
                         stripped["hash"] = obj.get("hash")
-                        stripped["purged_us"] = now_us
+                        if had_bodies:
+                            stripped["purged_us"] = now_us
+                            total += 1
                         f.write(json.dumps(stripped, sort_keys=True, separators=(",", ":"),
                                            ensure_ascii=False).encode() + b"\n")
                 os.replace(tmp, target)
                 path.unlink()
-                total += len(lines)
         return total
 
 
