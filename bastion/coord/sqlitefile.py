@@ -8,7 +8,14 @@ put the file on a network filesystem.
 
 Off the event loop: sqlite3 calls block, so each `SqliteFile` owns one thread that owns the connection
 (sqlite3 connections stay in the thread that made them) and runs this process's calls in order; the write
-lock would serialise them anyway. The task locks and the approvals each use one.
+lock would serialise them anyway. The task locks, the approvals and the fleet state each use one.
+
+Writes are group-committed: the writes that arrive while the thread is busy wait for it together and then run
+as one batch, one `BEGIN IMMEDIATE` ... `COMMIT`, each write in a savepoint of its own, so one that fails is
+rolled back alone and the others commit. Each write is as atomic as before (nothing of another process comes
+between its read and its write); what a batch saves is the hand-offs between the event loop and the thread
+(one per batch, not one per write: every hand-off makes the two threads trade the GIL, which cost a proxied
+call under a budget about 0.15 ms of the event loop's time at 16 concurrent calls) and a commit per write.
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from bastion.coord.store import StoreUnavailable
 from bastion.private_files import prepare_sqlite
 
 T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], Any]
+Outcome = tuple[bool, Any]  # (True, result) or (False, the exception to raise)
+MAX_BATCH = 64  # writes per transaction: bounds how long one batch holds the file's write lock
 
 
 def is_busy(error: sqlite3.Error) -> bool:
@@ -47,13 +57,99 @@ class SqliteFile:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bastion-{what.split()[0]}-sqlite")
         self._conn: sqlite3.Connection | None = None  # used only on the executor thread
         self._closed = False
+        self._queued: list[tuple[Work, asyncio.Future[Any]]] = []  # writes waiting for the next batch
+        self._batch_running = False
 
     async def run(self, work: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
-        """`work(conn)` on the store thread; in one `BEGIN IMMEDIATE` transaction when `write`."""
+        """`work(conn)` on the store thread; when `write`, atomically (`BEGIN IMMEDIATE`, or a savepoint of a
+        batch: see the module doc)."""
         if self._closed:
             raise RuntimeError(f"the {self._what} is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._transaction, work, write)
+        if not write:
+            return await loop.run_in_executor(self._executor, self._transaction, work, False)
+        done: asyncio.Future[T] = loop.create_future()
+        self._queued.append((work, done))
+        if not self._batch_running:
+            self._start_batch(loop)
+        return await done
+
+    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
+        self._batch_running = True
+        ran: Future[list[Outcome]]
+        try:
+            ran = self._executor.submit(self._write_batch, [work for work, _ in batch])
+        except RuntimeError as e:  # the store was closed while these waited
+            ran = Future()
+            ran.set_exception(e)
+            self._deliver(loop, batch, ran)
+            return
+
+        def finished(_: Future[list[Outcome]]) -> None:  # on the store thread: one hand-off back per batch
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
+                loop.call_soon_threadsafe(self._deliver, loop, batch, ran)
+
+        ran.add_done_callback(finished)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Work, asyncio.Future[Any]]],
+                 ran: Future[list[Outcome]]) -> None:
+        self._batch_running = False
+        try:
+            outcomes = ran.result()
+        except BaseException as e:  # the thread failed outside any write (shut down, say)
+            outcomes = [(False, e)] * len(batch)
+        for (_, done), (ok, value) in zip(batch, outcomes, strict=True):
+            if done.done():  # its caller was cancelled; the write itself ran
+                continue
+            if ok:
+                done.set_result(value)
+            else:
+                done.set_exception(value)
+        if self._queued:
+            self._start_batch(loop)
+
+    def _write_batch(self, works: list[Work]) -> list[Outcome]:
+        """Every write in one transaction, each in its own savepoint (on the store thread)."""
+        outcomes: list[Outcome] = []
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for work in works:
+                    conn.execute("SAVEPOINT write")
+                    try:
+                        result = work(conn)
+                    except sqlite3.IntegrityError as e:  # this write's own data: undone alone, as before
+                        conn.execute("ROLLBACK TO write")
+                        conn.execute("RELEASE write")
+                        outcomes.append((False, self._unavailable(e, keep_connection=True)))
+                    except sqlite3.Error:  # the file or the connection, not this write: the batch fails
+                        raise
+                    except Exception as e:  # this write refused itself (a value it rejects): undo it alone
+                        conn.execute("ROLLBACK TO write")
+                        conn.execute("RELEASE write")
+                        outcomes.append((False, e))
+                    else:
+                        conn.execute("RELEASE write")
+                        outcomes.append((True, result))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:  # the transaction itself failed: nothing of the batch was kept
+            error = self._unavailable(e)
+            return [(False, error)] * len(works)
+        return outcomes
+
+    def _unavailable(self, e: sqlite3.Error, *, keep_connection: bool = False) -> StoreUnavailable:
+        if not keep_connection and not is_busy(e):
+            # Not just contention: start from a fresh connection, the file may have been fixed or replaced.
+            self._close_connection()
+        error = StoreUnavailable(f"{self._what} sqlite:///{self.path} unavailable: {e}")
+        error.__cause__ = e
+        return error
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T], write: bool) -> T:
         try:
@@ -70,10 +166,7 @@ class SqliteFile:
                 raise
             return result
         except sqlite3.Error as e:
-            if not is_busy(e):
-                # Not just contention: start from a fresh connection, the file may have been fixed or replaced.
-                self._close_connection()
-            raise StoreUnavailable(f"{self._what} sqlite:///{self.path} unavailable: {e}") from e
+            raise self._unavailable(e) from e
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
