@@ -12,10 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from bastion.audit.entry import Entry
+from bastion.audit.finalize import prepare
+from bastion.audit.recent import RecentWindow, Spooled
 from bastion.audit.record import AuditRecord
+from bastion.audit.redact import Redactor
 from bastion.audit.sample import sample_exchange
 from bastion.audit.settings import AuditConfig
 from bastion.audit.sinks import AuditStore, RecordQuery, open_store
+from bastion.audit.spool import Position
 from bastion.audit.verify import verify_store
 from bastion.audit.writer import AuditWriter
 from bastion.metrics import REGISTRY
@@ -230,3 +235,61 @@ async def test_a_malformed_record_never_stops_the_writer(tmp_path: Path) -> None
         assert kept is not None and kept.extra == {"audit_error": "extra facts were not JSON-serialisable"}
         assert await store.get(broken.id) is None and await store.get(good.id) is not None
         assert (await verify_store(store)).intact
+
+
+# --- the parts the writer is made of, alone ---------------------------------------------------------------------
+
+def _spooled(seq: int, size: int = 100) -> Spooled:
+    rec, _, _ = sample_exchange(seed=seq)
+    entry = Entry("w", seq, "00" * 32, b"{}", None, None, rec)
+    return Spooled(Position(1, seq * size), Position(1, (seq + 1) * size), entry, size)
+
+
+def test_recent_window_takes_contiguous_synced_entries_from_the_cursor() -> None:
+    window = RecentWindow(max_bytes=1000)
+    window.add(_spooled(i) for i in range(5))
+    assert window.take(Position(1, 50), Position(1, 500), 10) is None  # not at an entry's start
+    entries, end = window.take(Position(1, 100), Position(1, 400), 10) or ([], None)
+    assert [e.seq for e in entries] == [1, 2, 3] and end == Position(1, 400)  # only what is synced
+    entries, end = window.take(Position(1, 100), Position(1, 500), 2) or ([], None)
+    assert [e.seq for e in entries] == [1, 2] and end == Position(1, 300)  # at most `limit`
+    assert window.take(Position(1, 500), Position(1, 500), 10) is None  # everything drained
+    window.add([_spooled(5)])
+    assert [e.seq for e in (window.take(Position(1, 500), Position(1, 600), 10) or ([], None))[0]] == [5]
+
+
+def test_recent_window_drops_the_oldest_past_its_bound() -> None:
+    window = RecentWindow(max_bytes=250)
+    window.add(_spooled(i) for i in range(5))
+    assert window.take(Position(1, 0), Position(1, 500), 10) is None  # pushed out: the drain reads the spool
+    entries, _ = window.take(Position(1, 300), Position(1, 500), 10) or ([], None)
+    assert [e.seq for e in entries] == [3, 4]
+
+
+def test_prepare_drops_what_it_cannot_build_and_keeps_records_without_bad_bodies(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bastion.audit import finalize as finalize_mod
+
+    redactor = Redactor(key=b"k" * 32)
+    rec, req, resp = sample_exchange(seed=1, body_words=5)
+    done = prepare(rec, req, resp, redactor=redactor, max_body_bytes=1 << 20)
+    assert done is not None and done.record is rec and done.request_blob is not None
+
+    real = finalize_mod.finalize
+
+    def bodies_fail(record: AuditRecord, request_body: object, response_body: object, **kw: object) -> object:
+        if request_body is not None or response_body is not None:
+            raise ValueError("broken body")
+        return real(record, None, None, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(finalize_mod, "finalize", bodies_fail)
+    rec, req, resp = sample_exchange(seed=2, body_words=5)
+    done = prepare(rec, req, resp, redactor=redactor, max_body_bytes=1 << 20)
+    assert done is not None and done.request_blob is None
+    assert done.record.extra["audit_error"] == "bodies could not be processed"
+
+    def always_fail(*args: object, **kw: object) -> object:
+        raise ValueError("cannot redact")
+
+    monkeypatch.setattr(finalize_mod, "finalize", always_fail)
+    assert prepare(sample_exchange(seed=3)[0], None, None, redactor=redactor, max_body_bytes=0) is None

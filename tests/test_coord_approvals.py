@@ -17,6 +17,7 @@ import pytest
 from lockhistory import delete_prefix
 from services import require_redis
 
+from bastion.coord import open_approval_store
 from bastion.coord.approvals import (
     Approval,
     ApprovalError,
@@ -26,7 +27,6 @@ from bastion.coord.approvals import (
     decide_transition,
     fingerprint,
     may_decide,
-    open_approval_store,
 )
 
 

@@ -19,7 +19,7 @@ import pytest
 from lockhistory import delete_prefix
 from services import require_redis
 
-from bastion.coord import StoreUnavailable
+from bastion.coord import StoreUnavailable, open_fleet_store
 from bastion.coord.fleet import (
     MAX_REASON,
     MAX_WINDOW,
@@ -27,7 +27,6 @@ from bastion.coord.fleet import (
     Exceeded,
     FleetStore,
     Reservation,
-    open_fleet_store,
 )
 
 LONG = MAX_WINDOW  # a window no test crosses the end of (epoch-aligned 31-day windows)

@@ -17,7 +17,7 @@ from lockhistory import delete_prefix
 from services import require_redis
 
 from bastion import cli
-from bastion.coord.fleet import open_fleet_store
+from bastion.coord import open_fleet_store
 
 MODULE = "bastion.coord.fleet_commands"
 

@@ -13,8 +13,8 @@ from bastion.policy.matchers import (
     compile_host,
     compile_json_path,
     compile_path,
-    compile_template,
 )
+from bastion.policy.templates import compile_template
 
 ERR = "error"
 

@@ -566,7 +566,7 @@ def _store_keys(entries: list[WitnessEntry]) -> list[PublicKey]:
 
 
 def _local_checkpoints(home: Path) -> list[Witnessed]:
-    from bastion.audit.worker import SPOOL_SLOTS, spool_slot
+    from bastion.audit.spool import SPOOL_SLOTS, spool_slot
 
     found = []
     for index in range(SPOOL_SLOTS):

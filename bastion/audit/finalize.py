@@ -8,16 +8,59 @@ holds no secret the redactor knows how to find.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from bastion.audit.bodies import CapturedBody, DecodeError, decode_content, pack
 from bastion.audit.record import AuditRecord, Body
 from bastion.audit.redact import Echoes, Redactor
+from bastion.audit.snapshot import ExchangeSnapshot, to_record
+
+log = logging.getLogger("bastion.audit")
 
 TextFix = Callable[[str, str, list[str]], str]
 ValueFix = Callable[[Any, str, list[str]], Any]
+
+
+class Prepared(NamedTuple):
+    """A record ready to be chained and spooled, with its packed bodies."""
+
+    record: AuditRecord
+    request_blob: bytes | None
+    response_blob: bytes | None
+
+
+def prepare(item: AuditRecord | ExchangeSnapshot, request_body: CapturedBody | None,
+            response_body: CapturedBody | None, *, redactor: Redactor, max_body_bytes: int) -> Prepared | None:
+    """What the writer's spool thread makes of a submitted item: the record (built here from an exchange
+    snapshot), finalized. None when the item must be dropped (it is logged; the caller counts the loss).
+
+    A record whose bodies cannot be processed is kept without them, marked `audit_error` in `extra`: an
+    exchange with a missing body is better evidence than no record of it. Touches no writer state, so it can
+    be tested alone; like `finalize`, it changes `item` in place when it is a record.
+    """
+    if isinstance(item, ExchangeSnapshot):
+        try:
+            record, request_body, response_body = to_record(item, max_body_bytes)
+        except Exception:
+            log.exception("audit record %s: cannot be built from the exchange; dropped", item.id)
+            return None
+    else:
+        record = item
+    try:
+        req, resp = finalize(record, request_body, response_body, redactor=redactor,
+                             max_body_bytes=max_body_bytes)
+    except Exception:
+        log.exception("audit record %s: body processing failed; storing it without bodies", record.id)
+        try:
+            req, resp = finalize(record, None, None, redactor=redactor, max_body_bytes=0)
+            record.extra = {**record.extra, "audit_error": "bodies could not be processed"}
+        except Exception:
+            log.exception("audit record %s: cannot be prepared; dropped", record.id)
+            return None
+    return Prepared(record, req, resp)
 
 
 def finalize(record: AuditRecord, request_body: CapturedBody | None, response_body: CapturedBody | None, *,

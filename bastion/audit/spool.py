@@ -42,7 +42,15 @@ log = logging.getLogger("bastion.audit")
 
 MAGIC = b"BSTNSPL1"
 DEFAULT_SEGMENT_BYTES = 16 << 20
+SPOOL_SLOTS = 16
+"""Spools one `--home` can hold: each Bastion process sharing a home takes the first free slot."""
 _WRITE_BATCH = 1 << 20  # most bytes `append_many` joins into one write (bounds the copy it makes)
+
+
+def spool_slot(home: Path, index: int) -> Path:
+    """The directory of spool slot `index` under `home`: `spool`, then `spool.1` ... `spool.15`. The audit
+    worker opens the first free one; `verify` reads the local checkpoint of each."""
+    return home / "spool" if index == 0 else home / f"spool.{index}"
 
 
 class SpoolLockedError(OSError):

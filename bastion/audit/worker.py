@@ -42,13 +42,12 @@ from bastion.audit.ipc import Hello, Ready, Status
 from bastion.audit.retention import run_retention
 from bastion.audit.sinks import StoreError
 from bastion.audit.snapshot import ExchangeSnapshot
-from bastion.audit.spool import SpoolLockedError
+from bastion.audit.spool import SPOOL_SLOTS, SpoolLockedError, spool_slot
 from bastion.audit.tracing import RecordTracer, TracingSettings, report, start_tracing
 from bastion.audit.writer import AuditWriter
 
 log = logging.getLogger("bastion.audit")
 
-SPOOL_SLOTS = 16
 STATUS_EVERY = 0.05
 """Seconds between STATUS frames while something changes."""
 WORKER_NICE = 5
@@ -61,10 +60,6 @@ class StartError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
-
-
-def spool_slot(home: Path, index: int) -> Path:
-    return home / "spool" if index == 0 else home / f"spool.{index}"
 
 
 async def open_writer(hello: Hello) -> AuditWriter:

@@ -10,7 +10,8 @@ Path of a record:
                              (one os.write for the records that arrived together)
                              -> `on_record(record)` for each, if set (tracing: `bastion.audit.tracing`)
                              fdatasync at least every `sync_interval` (0.2 s), or at once for flush()
-    drain task (event loop)  read synced entries (spool I/O on its own thread) -> store.write(batch)
+    drain task (event loop)  read synced entries (from `RecentWindow`, the entries the spool thread just wrote,
+                             or by spool I/O on its own thread) -> store.write(batch)
                              -> move the spool cursor; on sink failure back off and retry, in order
 
 Durability: once `submit` returned True the record is in the writer's memory; within milliseconds (while the
@@ -48,12 +49,13 @@ from bastion.audit.bodies import BodyCapture, CapturedBody
 from bastion.audit.chain import Chain, ChainHead
 from bastion.audit.drops import Drops
 from bastion.audit.entry import Entry
-from bastion.audit.finalize import finalize
+from bastion.audit.finalize import prepare
+from bastion.audit.recent import RecentWindow, Spooled
 from bastion.audit.record import AuditRecord
 from bastion.audit.redact import Redactor
 from bastion.audit.settings import AuditConfig
 from bastion.audit.sinks import AuditStore, open_store
-from bastion.audit.snapshot import ExchangeSnapshot, to_record
+from bastion.audit.snapshot import ExchangeSnapshot
 from bastion.audit.spool import DEFAULT_SEGMENT_BYTES, Position, Spool, SpoolState
 
 log = logging.getLogger("bastion.audit")
@@ -115,12 +117,8 @@ class AuditWriter:
         self._cursor = state.cursor
         self._drained = state.drained
         self._waiters: list[tuple[Position, asyncio.Future[bool]]] = []
-        # (start, end, entry, frame size) of recently spooled entries, contiguous in spool order. The drain takes its
-        # batches from here when they begin at its cursor, and reads the spool files otherwise (after a
-        # restart, or when a long sink outage pushed them out).
-        self._recent: deque[tuple[Position, Position, Entry, int]] = deque()
-        self._recent_bytes = 0
-        self._recent_lock = threading.Lock()
+        # Filled by the spool thread, read by the drain: see `bastion.audit.recent`.
+        self._recent = RecentWindow(_RECENT_BYTES)
         self._wake = asyncio.Event()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-audit-drain")
         self._thread = threading.Thread(target=self._spool_main, name="bastion-audit-spool", daemon=True)
@@ -376,26 +374,12 @@ class AuditWriter:
 
     def _prepare(self, job: _Job) -> _Prepared | None:
         config, redactor = job.settings
-        if isinstance(job.record, ExchangeSnapshot):
-            try:
-                job.record, job.request_body, job.response_body = to_record(job.record, config.max_body_bytes)
-            except Exception:
-                log.exception("audit record %s: cannot be built from the exchange; dropped", job.record.id)
-                self._lost(job.nbytes, "invalid")
-                return None
-        try:
-            req, resp = finalize(job.record, job.request_body, job.response_body, redactor=redactor,
-                                 max_body_bytes=config.max_body_bytes)
-        except Exception:
-            log.exception("audit record %s: body processing failed; storing it without bodies", job.record.id)
-            try:
-                req, resp = finalize(job.record, None, None, redactor=redactor, max_body_bytes=0)
-                job.record.extra = {**job.record.extra, "audit_error": "bodies could not be processed"}
-            except Exception:
-                log.exception("audit record %s: cannot be prepared; dropped", job.record.id)
-                self._lost(job.nbytes, "invalid")
-                return None
-        return _Prepared(job.record, req, resp, job.nbytes)
+        done = prepare(job.record, job.request_body, job.response_body, redactor=redactor,
+                       max_body_bytes=config.max_body_bytes)
+        if done is None:
+            self._lost(job.nbytes, "invalid")
+            return None
+        return _Prepared(done.record, done.request_blob, done.response_blob, job.nbytes)
 
     def _append(self, batch: list[_Prepared]) -> list[_Prepared]:
         """Chain and spool records, in order, with one write for the lot (`Spool.append_many`). Returns those
@@ -416,12 +400,8 @@ class AuditWriter:
         written = linked[:len(spans)]
         last = written[-1][1] if written else None
         self._chain.advance(ChainHead(last.writer, last.seq, last.hash) if last is not None else base)
-        with self._recent_lock:
-            for (_, entry, frame), (start, end) in zip(written, spans, strict=True):
-                self._recent.append((start, end, entry, len(frame)))
-                self._recent_bytes += len(frame)
-            while self._recent_bytes > _RECENT_BYTES:
-                self._recent_bytes -= self._recent.popleft()[3]
+        self._recent.add(Spooled(start, end, entry, len(frame))
+                         for (_, entry, frame), (start, end) in zip(written, spans, strict=True))
         if written and error is None and not self._spool_ok:
             log.warning("audit spool %s: writable again", self._spool.directory)
             self._spool_ok = True
@@ -546,21 +526,7 @@ class AuditWriter:
 
     def _from_memory(self) -> tuple[list[Entry], Position] | None:
         """The next batch from the in-memory copy of what was spooled, if it starts at the cursor."""
-        synced = self._spool.synced
-        with self._recent_lock:
-            recent = self._recent
-            while recent and recent[0][0] < self._cursor:
-                self._recent_bytes -= recent.popleft()[3]
-            if not recent or recent[0][0] != self._cursor:
-                return None
-            out: list[Entry] = []
-            end = self._cursor
-            for start, stop, entry, _ in recent:
-                if start != end or stop > synced or len(out) >= self._batch_size:
-                    break
-                out.append(entry)
-                end = stop
-        return (out, end) if out else None
+        return self._recent.take(self._cursor, self._spool.synced, self._batch_size)
 
     async def _commit(self, nxt: Position, head: ChainHead | None, n: int) -> None:
         self._drained = head

@@ -16,7 +16,8 @@ import sys
 import time
 from typing import Any
 
-from bastion.coord.approvals import STATES, Approval, ApprovalError, ApprovalStore, may_decide, open_approval_store
+from bastion.coord import open_approval_store
+from bastion.coord.approvals import STATES, Approval, ApprovalError, ApprovalStore, may_decide
 from bastion.coord.commands import (
     EXIT_OK,
     Refused,

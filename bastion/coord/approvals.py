@@ -617,17 +617,3 @@ class ApprovalStore(GuardedStore):
 
     @abc.abstractmethod
     async def _ping(self) -> None: ...
-
-
-def open_approval_store(url: str, *, key_prefix: str | None = None) -> ApprovalStore:
-    """The approval store for a store URL (the same URL as the lock store's; see `bastion.coord.open_store`)."""
-    from bastion.coord.store import DEFAULT_KEY_PREFIX, store_location
-
-    kind, where = store_location(url)
-    if kind == "sqlite":
-        from bastion.coord.approvals_sqlite import SqliteApprovalStore
-
-        return SqliteApprovalStore(where)
-    from bastion.coord.approvals_redis import RedisApprovalStore
-
-    return RedisApprovalStore.from_url(str(where), key_prefix=key_prefix or DEFAULT_KEY_PREFIX)

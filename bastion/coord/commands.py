@@ -31,13 +31,13 @@ from bastion.config import (
     resolve_rules,
     sqlite_path,
 )
+from bastion.coord import open_store
 from bastion.coord.store import (
     DEFAULT_HANDOFF_TTL,
     LockInfo,
     LockStore,
     StoreUnavailable,
     iso_time,
-    open_store,
 )
 
 if TYPE_CHECKING:

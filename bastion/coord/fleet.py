@@ -297,18 +297,3 @@ class FleetStore(GuardedStore):
 
     @abc.abstractmethod
     async def _ping(self) -> None: ...
-
-
-def open_fleet_store(url: str, *, key_prefix: str | None = None) -> FleetStore:
-    """The fleet store for a store URL (the same URL as the lock store's; see `bastion.coord.store.open_store`).
-    No I/O happens until the first call."""
-    from bastion.coord.store import DEFAULT_KEY_PREFIX, store_location
-
-    kind, where = store_location(url)
-    if kind == "sqlite":
-        from bastion.coord.fleet_sqlite import SqliteFleetStore
-
-        return SqliteFleetStore(where)
-    from bastion.coord.fleet_redis import RedisFleetStore
-
-    return RedisFleetStore.from_url(str(where), key_prefix=key_prefix or DEFAULT_KEY_PREFIX)

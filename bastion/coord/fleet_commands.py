@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from bastion.coord import open_fleet_store
 from bastion.coord.commands import (
     EXIT_OK,
     Refused,
@@ -39,7 +40,7 @@ from bastion.coord.commands import (
     fail,
     run_on_store,
 )
-from bastion.coord.fleet import ALL_AGENTS, MAX_REASON, BudgetUsage, FleetStore, Pause, open_fleet_store
+from bastion.coord.fleet import ALL_AGENTS, MAX_REASON, BudgetUsage, FleetStore, Pause
 from bastion.coord.store import iso_time
 
 if TYPE_CHECKING:

@@ -41,8 +41,8 @@ from bastion.coord.store import (
     LockStore,
     StoreUnavailable,
     StoreURLError,
-    redact_url,
 )
+from bastion.coord.urls import redact_url
 
 T = TypeVar("T")
 

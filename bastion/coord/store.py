@@ -16,7 +16,7 @@ network). Two things narrow that window, and the proxy is expected to use both:
 
 How the proxy uses a store (everything it needs; see `LockStore` for details)::
 
-    store = open_store(settings.store)               # sqlite:///... or redis://host:port/db
+    store = open_store(settings.store)               # bastion.coord.open_store: sqlite:///... or redis://...
     result = await store.acquire(key, agent, ttl)    # grant, renewal or conflict
     if isinstance(result, Conflict):                  # 423 lock_conflict: result.holder, result.expires_at
         ...
@@ -40,10 +40,9 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
-from bastion.config import ConfigError, sqlite_path
+from bastion.config import ConfigError
 from bastion.metrics import LOCK_ACQUIRE_SECONDS, LOCKS_HELD, STORE_ERRORS
 
 T = TypeVar("T")
@@ -72,7 +71,7 @@ class StoreUnavailable(StoreError):
 
 
 class StoreURLError(StoreError, ConfigError):
-    """The store URL is not one Bastion understands. Raised by `open_store`, before any I/O."""
+    """The store URL is not one Bastion understands. Raised by `bastion.coord.open_store`, before any I/O."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,50 +284,3 @@ class LockStore(GuardedStore):
 
     @abc.abstractmethod
     async def _ping(self) -> None: ...
-
-
-def store_location(url: str) -> tuple[str, Path | str]:
-    """("sqlite", file path) or ("redis", url) for a store URL; `StoreURLError` for anything else (no I/O)."""
-    scheme = url.partition(":")[0].lower()
-    if scheme == "sqlite":
-        try:
-            path = sqlite_path(url)
-        except ConfigError as e:
-            raise StoreURLError(f"{e} (expected sqlite:///PATH)") from None
-        if not path.name:
-            raise StoreURLError(f"store URL {url!r} names no database file")
-        return "sqlite", path
-    if scheme in ("redis", "rediss"):
-        return "redis", url
-    raise StoreURLError(
-        f"unsupported store URL {redact_url(url)!r}: expected sqlite:///PATH, "
-        "redis://HOST:PORT/DB or rediss://HOST:PORT/DB"
-    )
-
-
-def open_store(url: str, *, key_prefix: str = DEFAULT_KEY_PREFIX) -> LockStore:
-    """The store for `url`; no I/O happens until the first call.
-
-    `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`: the embedded default, shared by every
-    Bastion process on the same host. `redis://[user:password@]host:port/db` or `rediss://...` (TLS): one
-    Redis primary shared by a fleet; `key_prefix` namespaces every key Bastion writes there, and a `prefix`
-    query parameter in the URL overrides it (SQLite ignores both: it owns its tables). Raises `StoreURLError`
-    for anything else.
-    """
-    kind, where = store_location(url)
-    if kind == "sqlite":
-        from bastion.coord.sqlite import SqliteLockStore
-
-        return SqliteLockStore(where)
-    from bastion.coord.redis import RedisLockStore
-
-    return RedisLockStore.from_url(str(where), key_prefix=key_prefix)
-
-
-def redact_url(url: str) -> str:
-    """`scheme://user:secret@host/x` -> `scheme://host/x`, so errors and logs never show a password."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, path = rest.partition("/")
-    return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path}"

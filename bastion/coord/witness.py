@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bastion.coord.store import DEFAULT_KEY_PREFIX, StoreUnavailable, StoreURLError, store_location
+from bastion.coord.store import DEFAULT_KEY_PREFIX, StoreUnavailable, StoreURLError
+from bastion.coord.urls import store_location
 
 T = TypeVar("T")
 

@@ -18,39 +18,17 @@ browser session, CSRF-checked) and with the same headers on every answer (`secur
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 
 from bastion import metrics
 from bastion.dashboard.auth import UserDirectory, auth_middleware, require
+from bastion.dashboard.keys import MODE, POLICY_SOURCE, READY_CHECKS, SESSIONS, PolicySource, ReadyCheck
 
 HERE = Path(__file__).resolve().parent
-
-
-class ReloadOutcome(Protocol):
-    ok: bool
-
-    def to_json(self) -> dict[str, Any]: ...
-
-
-class PolicySource(Protocol):
-    """The active policy and how to reload it (`bastion.proxy.state.PolicyState` is one)."""
-
-    @property
-    def policy(self) -> Any: ...
-
-    def to_json(self) -> dict[str, Any]: ...
-
-    async def reload(self, trigger: str) -> ReloadOutcome: ...
-
-
-ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
-
-POLICY_SOURCE = web.AppKey("bastion_policy_source", PolicySource)
-READY_CHECKS = web.AppKey("bastion_ready_checks", list)
 
 
 def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyCheck]] = (),
@@ -63,7 +41,6 @@ def create_app(source: PolicySource, *, ready_checks: Sequence[tuple[str, ReadyC
     import jinja2
 
     from bastion.dashboard import forms, pages
-    from bastion.dashboard.keys import MODE, SESSIONS
     from bastion.dashboard.security import add_security_headers
     from bastion.dashboard.session import SessionCodec, load_key
 

@@ -28,9 +28,8 @@ from aiohttp import web
 
 from bastion.coord.approvals import MAX_NOTE, STATES, Approval, ApprovalError, ApprovalStore, may_decide
 from bastion.coord.store import StoreUnavailable
-from bastion.dashboard.app import POLICY_SOURCE
 from bastion.dashboard.auth import USER, json_error, require
-from bastion.dashboard.keys import APPROVAL_STORE, NOTIFY
+from bastion.dashboard.keys import APPROVAL_STORE, NOTIFY, POLICY_SOURCE
 from bastion.metrics import APPROVALS
 
 log = logging.getLogger("bastion.approvals")

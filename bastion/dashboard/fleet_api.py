@@ -36,9 +36,8 @@ from aiohttp import web
 from bastion.coord.fleet import ALL_AGENTS, MAX_REASON, Milestone, Pause
 from bastion.coord.fleet_commands import DEFAULT_MILESTONE_TTL, budgets_report
 from bastion.coord.store import StoreUnavailable
-from bastion.dashboard.app import POLICY_SOURCE
 from bastion.dashboard.auth import USER, json_error, require
-from bastion.dashboard.keys import FLEET_STORE
+from bastion.dashboard.keys import FLEET_STORE, POLICY_SOURCE
 
 log = logging.getLogger("bastion.fleet")
 

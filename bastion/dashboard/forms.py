@@ -17,10 +17,9 @@ from aiohttp import web
 
 from bastion.coord.approvals import MAX_NOTE, ApprovalError
 from bastion.coord.store import StoreUnavailable
-from bastion.dashboard.app import POLICY_SOURCE
 from bastion.dashboard.approvals_api import decide_as, parse_grant
 from bastion.dashboard.auth import USER, same_origin
-from bastion.dashboard.keys import LOCK_STORE, SESSIONS
+from bastion.dashboard.keys import LOCK_STORE, POLICY_SOURCE, SESSIONS
 from bastion.dashboard.session import clear_cookie, set_cookie
 
 log = logging.getLogger("bastion.dashboard")

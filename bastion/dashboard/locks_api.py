@@ -28,9 +28,8 @@ from typing import Any
 from aiohttp import web
 
 from bastion.coord.store import DEFAULT_HANDOFF_TTL, LockInfo, LockStore, StoreUnavailable
-from bastion.dashboard.app import POLICY_SOURCE, READY_CHECKS
 from bastion.dashboard.auth import USER, json_error, require
-from bastion.dashboard.keys import LOCK_STORE
+from bastion.dashboard.keys import LOCK_STORE, POLICY_SOURCE, READY_CHECKS
 
 log = logging.getLogger("bastion.locks")
 

@@ -31,10 +31,17 @@ from bastion.coord.approvals import may_decide
 from bastion.coord.fleet import ALL_AGENTS, Pause
 from bastion.coord.fleet_commands import fmt_span, pause_map, pause_of
 from bastion.coord.store import StoreUnavailable, iso_time
-from bastion.dashboard.app import POLICY_SOURCE, READY_CHECKS
 from bastion.dashboard.auth import READERS, SESSION, USER
 from bastion.dashboard.flows_api import DECISIONS, summary
-from bastion.dashboard.keys import APPROVAL_STORE, AUDIT_READER, FLEET_STORE, LOCK_STORE, MODE
+from bastion.dashboard.keys import (
+    APPROVAL_STORE,
+    AUDIT_READER,
+    FLEET_STORE,
+    LOCK_STORE,
+    MODE,
+    POLICY_SOURCE,
+    READY_CHECKS,
+)
 
 log = logging.getLogger("bastion.dashboard")
 

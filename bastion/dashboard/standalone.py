@@ -56,10 +56,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 async def run(data: Any, admin: tuple[str, int], rules: list[str]) -> int:
     from bastion.audit.sinks import StoreError as AuditStoreError
     from bastion.audit.sinks import open_store as open_audit
-    from bastion.coord.approvals import open_approval_store
-    from bastion.coord.fleet import open_fleet_store
+    from bastion.coord import open_approval_store, open_fleet_store, open_store
     from bastion.coord.notify import ApprovalNotifier
-    from bastion.coord.store import open_store
     from bastion.dashboard.app import create_app
     from bastion.policy.load import PolicyLoadError
     from bastion.proxy.reload import RulesWatcher, cancel_and_wait

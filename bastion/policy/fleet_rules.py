@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from bastion.policy.decision import BudgetCharge
 from bastion.policy.facts import EvalError, RequestFacts
-from bastion.policy.matchers import Captures, Matcher, Template
+from bastion.policy.matchers import Captures, Matcher
+from bastion.policy.templates import Template
 
 GuardMetric = Literal["denials", "errors", "calls"]
 
