@@ -21,14 +21,17 @@ from bastion.policy.facts import RequestFacts
 from bastion.policy.load import load_policy
 from bastion.proxy import flowmeta
 from bastion.proxy.enforce import Enforce, facts_headers, host_header_matches
+from bastion.proxy.flights import Flights
 from bastion.proxy.gate import Gate
 from bastion.proxy.guard import NetworkGuard, ResolveError, Resolver
 from bastion.proxy.identity import Identity, parse_basic, strip_private_headers
 from bastion.proxy.netcheck import ProtectedTargets, embedded_ipv4, forbidden_kind, special_kind
+from bastion.proxy.pipeline import Pipeline
 from bastion.proxy.reload import RulesWatcher, fingerprint
 from bastion.proxy.run import admin_no_proxy, agent_environment, proxy_url_with_credentials
 from bastion.proxy.settings import _AUDIT_SCHEMES, _STORE_SCHEMES, service_address
 from bastion.proxy.state import PolicyState
+from bastion.proxy.streaming import STREAM_ABOVE, ResponseStreaming, should_stream
 
 ip = ipaddress.ip_address
 
@@ -315,16 +318,11 @@ def state() -> PolicyState:
 
 
 def run_request(f: http.HTTPFlow, identity: Identity, guard: NetworkGuard | None = None) -> None:
-    """What mitmproxy does with a request, hook by hook, without sockets."""
-    enforce, gate = Enforce(), Gate()
-    identity.requestheaders(f)
-    enforce.requestheaders(f)
-    gate.requestheaders(f)
-    enforce.request(f)
-    if guard is not None:
-        pending = guard.request(f)
-        assert pending is None  # IP literal hosts: no DNS
-    gate.request(f)
+    """What mitmproxy does with a request, hook by hook, without sockets: through the pipeline, in the order
+    `build_proxy` gives these stages."""
+    pipeline = Pipeline([s for s in (identity, Enforce(), guard, Gate()) if s is not None])
+    assert pipeline.requestheaders(f) is None
+    assert pipeline.request(f) is None  # IP literal hosts: no DNS, nothing to wait for
 
 
 async def test_identity_binds_the_tunnel_and_rechecks_after_a_reload(tmp_path: Path) -> None:
@@ -406,15 +404,15 @@ def test_gate_refuses_unmet_obligations(state: PolicyState, url: str, obligation
     assert named in body["error"]["message"]
 
 
-def test_gate_keeps_only_the_newest_websocket_message() -> None:
+def test_flights_keep_only_the_newest_websocket_message() -> None:
     from mitmproxy import websocket
 
     f = flow_for("https://localhost/ws")
     f.websocket = websocket.WebSocketData()
-    gate = Gate()
+    flights = Flights()
     for i in range(100):
         f.websocket.messages.append(websocket.WebSocketMessage(1, True, f"m{i}".encode()))
-        gate.websocket_message(f)
+        flights.websocket_message(f)
         assert f.websocket.messages[-1].content == f"m{i}".encode()
     assert len(f.websocket.messages) == 1
 
@@ -425,6 +423,94 @@ def test_gate_fails_closed_without_a_decision() -> None:
     Gate().request(f)
     assert f.response is not None and f.response.status_code == 500
     assert f.response.headers[flowmeta.REQUEST_ID_HEADER] == "rid"
+
+
+async def test_flights_count_what_is_in_flight_until_it_ends() -> None:
+    """A graceful shutdown waits for `wait_idle`: it returns once every request answered, failed or (for a
+    websocket) ended."""
+    from mitmproxy import websocket
+
+    flights = Flights()
+    plain, failed, ws = flow_for("http://127.0.0.1/a"), flow_for("http://127.0.0.1/b"), flow_for("http://127.0.0.1/c")
+    ws.websocket = websocket.WebSocketData()
+    for f in (plain, failed, ws):
+        flights.requestheaders(f)
+    assert flights.inflight == 3
+    idle = asyncio.create_task(flights.wait_idle())
+    plain.response = ws.response = http.Response.make(200)
+    flights.response(plain)
+    flights.error(failed)
+    flights.response(ws)  # the upgrade's answer: the session goes on
+    await asyncio.sleep(0)
+    assert flights.inflight == 1 and not idle.done()
+    flights.websocket_end(ws)
+    await asyncio.wait_for(idle, 1)
+    assert flights.inflight == 0
+
+
+def test_gate_stamps_the_request_id_on_upstream_answers() -> None:
+    """Added when absent; replaced when the upstream sent one of its own (it must not speak for Bastion)."""
+    gate = Gate()
+    for upstream_headers in ({}, {"x-bastion-request-id": "forged"}):
+        f = flow_for("http://127.0.0.1/x")
+        f.metadata[flowmeta.REQUEST_ID] = "rid"
+        f.response = http.Response.make(200, b"ok", upstream_headers)
+        gate.responseheaders(f)
+        assert f.response.headers.get_all(flowmeta.REQUEST_ID_HEADER) == ["rid"]
+
+
+_MB = str(STREAM_ABOVE).encode()
+_OVER = str(STREAM_ABOVE + 1).encode()
+
+
+@pytest.mark.parametrize(("method", "status", "length", "ctype", "streamed"), [
+    ("GET", 200, b"12", b"application/json", False),
+    ("GET", 200, _MB, None, False),
+    ("GET", 200, _OVER, None, True),
+    ("GET", 200, None, b"application/json", True),
+    ("POST", 500, None, None, True),
+    ("HEAD", 200, None, None, False),
+    ("GET", 101, None, None, False),
+    ("GET", 204, None, None, False),
+    ("GET", 304, None, None, False),
+    ("GET", 200, b"0", b"text/event-stream", True),
+    ("HEAD", 200, b"5", b"text/event-stream; charset=utf-8", True),
+    ("GET", 200, None, b"text/event-stream", True),
+    ("HEAD", 200, None, b"text/event-stream", False),
+    ("GET", 200, b"12", b"text/html", False),
+    ("GET", 200, b"abc", None, True),
+    ("GET", 200, b"", None, True),
+    ("GET", 200, b" 42 ", None, False),
+], ids=["small-json", "exactly-the-limit", "over-the-limit", "no-length", "no-length-error", "head-no-length",
+        "101-no-length", "204-no-length", "304-no-length", "event-stream-with-length", "head-event-stream",
+        "event-stream-no-length", "head-event-stream-no-length", "small-html", "length-not-a-number",
+        "length-empty", "length-with-spaces"])
+def test_should_stream(method: str, status: int, length: bytes | None, ctype: bytes | None,
+                       streamed: bool) -> None:
+    assert should_stream(method, status, length, ctype) is streamed
+
+
+def test_response_streaming_reads_the_head_and_leaves_refusals_and_taps_alone() -> None:
+    stage = ResponseStreaming()
+    f = flow_for("http://127.0.0.1/x")
+    f.response = http.Response.make(200, b"", {"Content-Type": "text/event-stream", "Content-Length": "3"})
+    stage.responseheaders(f)
+    assert f.response.stream is True
+    mine = flow_for("http://127.0.0.1/x")
+    mine.response = http.Response.make(500, b"{}", {})
+    del mine.response.headers["content-length"]
+    mine.metadata[flowmeta.REFUSAL] = "internal_error"
+    stage.responseheaders(mine)
+    assert mine.response.stream is False  # Bastion's own answer: complete, in memory
+
+    def tap(chunk: bytes) -> bytes:
+        return chunk
+
+    tapped = flow_for("http://127.0.0.1/x")
+    tapped.response = http.Response.make(200, b"", {"Content-Length": "3"})
+    tapped.response.stream = tap
+    stage.responseheaders(tapped)
+    assert tapped.response.stream is tap
 
 
 def test_guard_pins_the_vetted_address_and_restores_the_name(state: PolicyState) -> None:

@@ -113,6 +113,9 @@ class Identity:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata
+        if flow.response is not None:  # a stage before failed and answered: that answer, and its id, stand
+            self._answered(flow)
+            return
         meta[flowmeta.REQUEST_ID] = new_request_id()
         policy = meta[flowmeta.POLICY] = self._state.policy
         auths = flow.request.headers.get_all("proxy-authorization")
@@ -135,6 +138,9 @@ class Identity:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata
         meta[flowmeta.STARTED] = time.monotonic()
+        if flow.response is not None:  # a stage before failed and answered: that answer, and its id, stand
+            self._answered(flow)
+            return
         meta[flowmeta.REQUEST_ID] = new_request_id()
         policy = meta[flowmeta.POLICY] = self._state.policy
         try:
@@ -171,6 +177,14 @@ class Identity:
         self._admit(flow, verified.spec, verified.name)
 
     # -- helpers --------------------------------------------------------------------------------------------
+
+    def _answered(self, flow: http.HTTPFlow) -> None:
+        """Keep what the record of an answered flow needs (the policy: its redaction settings), decide nothing."""
+        meta = flow.metadata
+        if flowmeta.REQUEST_ID not in meta:
+            meta[flowmeta.REQUEST_ID] = new_request_id()
+        if flowmeta.POLICY not in meta:
+            meta[flowmeta.POLICY] = self._state.policy
 
     @staticmethod
     def _verify(header: str | None, policy: Policy, cached: _Verified | None) -> _Verified | None:
