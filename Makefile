@@ -17,12 +17,13 @@ test: $(VENV)/.installed lint policy-tests unit
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-# Every example policy ships with a `bastion test` suite beside it (`<name>_test.yaml`).
+# Every example policy ships with a `bastion test` suite beside it (`<name>_test.yaml`) that matches each of its
+# rules at least once (--require-all-rules): a rule no case reaches could break unnoticed.
 policy-tests: $(VENV)/.installed
 	$(BASTION) check rules/default.yaml
 	@set -e; for suite in rules/examples/*_test.yaml; do \
 	  $(BASTION) check $${suite%_test.yaml}.yaml; \
-	  $(BASTION) test --rules $${suite%_test.yaml}.yaml $$suite; done
+	  $(BASTION) test --require-all-rules --rules $${suite%_test.yaml}.yaml $$suite; done
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -q

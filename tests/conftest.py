@@ -23,7 +23,7 @@ from support.upstream import Upstream, run_upstream
 __all__ = ["browser"]
 
 REPO = Path(__file__).resolve().parent.parent
-TESTDATA_RULES = REPO / "rules" / "testdata"
+TESTDATA_RULES = REPO / "tests" / "testdata" / "policy"
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +77,7 @@ def prefix(redis_url: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, bastion_home: Path, test_certs: CertFiles,
            upstream: Upstream) -> Iterator[BastionServer]:
-    """`bastion serve` on rules/testdata/proxy.yaml (allow_private 127.0.0.0/8 and ::1), one per test module."""
+    """`bastion serve` on tests/testdata/policy/proxy.yaml (allow_private 127.0.0.0/8 and ::1), one per test module."""
     with run_bastion(tmp_path_factory.mktemp("bastion"), [TESTDATA_RULES / "proxy.yaml"], home=bastion_home,
                      upstream_ca=test_certs.ca_cert) as srv:
         yield srv

@@ -4,7 +4,7 @@ The upstream is a bare repository served by a static HTTPS server on 127.0.0.1 (
 with a certificate from the test CA. git is given only what `bastion run` sets, and that trust bundle does
 not hold the test CA: a clone that went around Bastion would fail its TLS check, so a clone that succeeds
 went through Bastion, which checked the upstream against `--upstream-ca`. The `server` fixture (conftest) runs
-`bastion serve` on rules/testdata/proxy.yaml.
+`bastion serve` on tests/testdata/policy/proxy.yaml.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from services import require_command
 from support.bastion import BastionServer, bastion_cmd, clean_env
 from support.certs import CertFiles
 
-AGENT, TOKEN = "support-bot", "sb-token:with:colons"  # rules/testdata/proxy.yaml: may reach 127.0.0.1
+AGENT, TOKEN = "support-bot", "sb-token:with:colons"  # tests/testdata/policy/proxy.yaml: may reach 127.0.0.1
 
 
 @pytest.fixture(scope="module", autouse=True)

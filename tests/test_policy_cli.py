@@ -92,6 +92,36 @@ def test_test_command_reports_failures_with_expected_and_actual(tmp_path: Path,
     assert "1 passed, 1 failed" in out
 
 
+def test_require_all_rules_fails_on_a_rule_no_case_reaches(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: 1\ndefaults: {effect: deny}\nagents: {a: {}}\nrules:\n"
+                     "  - {id: reads, effect: allow, agents: [a], match: {method: GET}}\n"
+                     "  - {id: no-admin, effect: deny, agents: [a], match: {path: /admin/**}}\n"
+                     "  - {id: never-reached, effect: allow, agents: [a], match: {host: other.example}}\n")
+    suite = tmp_path / "rules_test.yaml"
+    suite.write_text("- {name: read, agent: a, method: GET, url: 'https://x.example/a', expect: {decision: allow}}\n"
+                     "- {name: admin, agent: a, method: GET, url: 'https://x.example/admin/1', "
+                     "expect: {decision: deny}}\n")
+    assert main(["test", "--rules", str(rules), str(suite)]) == 0
+    out = capsys.readouterr().out
+    assert "rules no test exercised: never-reached" in out and "FAIL" not in out
+    assert main(["test", "--require-all-rules", "--rules", str(rules), str(suite)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL --require-all-rules: 1 rule(s) matched in no test case: never-reached" in out
+    assert "2 passed, 0 failed" in out
+    with suite.open("a") as f:
+        f.write("- {name: other, agent: a, method: GET, url: 'https://other.example/', expect: {decision: allow}}\n")
+    assert main(["test", "--require-all-rules", "--rules", str(rules), str(suite)]) == 0
+    assert "no test exercised" not in capsys.readouterr().out
+
+
+def test_require_all_rules_is_documented_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["test", "--help"])
+    assert "--require-all-rules" in capsys.readouterr().out
+
+
 def test_test_command_rejects_malformed_suites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     suite = tmp_path / "bad_test.yaml"
     suite.write_text("- name: x\n  agent: support-bot\n  method: GET\n  url: https://a.example/\n"
@@ -116,4 +146,4 @@ def test_check_exit_codes_from_a_real_process(tmp_path: Path) -> None:
                    "agents: [b]}\n")
     res = subprocess.run([sys.executable, "-m", "bastion", "check", str(bad)], capture_output=True, text=True)
     assert res.returncode == 3
-    assert res.stdout == f"{bad}:5: rule r: agent 'b' is not defined under `agents`\n"
+    assert res.stdout == f"{bad}:5: [undefined_agent] rule r: agent 'b' is not defined under `agents`\n"

@@ -23,16 +23,18 @@ from hypothesis import strategies as st
 from bastion.cli import main
 from bastion.policy import schema as models
 from bastion.policy.jsonschema import _VALIDATORS, SCHEMA_ID, build_schema, schema_text
-from bastion.policy.matchers import CompileError, compile_host, compile_path, compile_template
+from bastion.policy.matchers import CompileError, compile_host, compile_path
+from bastion.policy.templates import compile_template
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "rules" / "bastion-rules.schema.json"
 REGENERATE = ".venv/bin/bastion schema --output rules/bastion-rules.schema.json"
-INVALID = sorted((REPO / "tests" / "testdata" / "policy" / "invalid").glob("*.yaml"))
+TESTDATA = REPO / "tests" / "testdata" / "policy"
+INVALID = sorted((TESTDATA / "invalid").glob("*.yaml"))
 POLICIES = sorted(
     [p for p in (REPO / "rules" / "examples").glob("*.yaml") if not p.name.endswith("_test.yaml")]
-    + [REPO / "rules" / "default.yaml"] + list((REPO / "rules" / "testdata").glob("*.yaml")))
-MODELINED = [p for p in POLICIES if p.parent.name != "testdata"]
+    + [REPO / "rules" / "default.yaml"] + list(TESTDATA.glob("*.yaml")))
+MODELINED = [p for p in POLICIES if p.parent != TESTDATA]  # what users copy: it names the schema for editors
 
 # Invalid policies no JSON Schema of one file can refuse, and why. The schema must accept each of them (so a
 # case it learns to refuse leaves this list) and `bastion check` must refuse each (exit 3).

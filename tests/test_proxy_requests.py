@@ -1,6 +1,6 @@
 """The proxy with real clients: identity, decisions, what the agent sees, what upstream receives.
 
-One `bastion serve` subprocess (rules/testdata/proxy.yaml) in front of local HTTP and HTTPS upstreams; clients
+One `bastion serve` subprocess (tests/testdata/policy/proxy.yaml) in front of local HTTP and HTTPS upstreams; clients
 are curl, requests, httpx, aiohttp (trust_env) and the openai SDK.
 """
 

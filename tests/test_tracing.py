@@ -66,7 +66,7 @@ from bastion.ids import new_request_id, now_us
 from bastion.proxy.settings import tracing_settings
 
 REPO = Path(__file__).resolve().parent.parent
-PROXY_RULES = REPO / "rules" / "testdata" / "proxy.yaml"
+PROXY_RULES = REPO / "tests" / "testdata" / "policy" / "proxy.yaml"
 SUPPORT = ("support-bot", "sb-token:with:colons")
 
 

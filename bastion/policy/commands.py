@@ -2,7 +2,8 @@
 
 Exit codes (README, "Configuration reference"): `check` 0 ok / 3 invalid; `explain` 0 allow / 2 deny or
 hold / 3 invalid policy; `test` 0 all pass / 1 any failure / 3 invalid policy; `diff` 0 no semantic change /
-1 changes / 3 invalid policy; `schema` 0. Problems are printed as `FILE:LINE: message`, never as a traceback.
+1 changes / 3 invalid policy; `schema` 0. Problems are printed as `FILE:LINE: [code] message` (the codes:
+docs/policy-errors.md), never as a traceback.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("test", help="run YAML policy tests (exit 0 all pass, 1 any failure)")
     p.add_argument("--rules", action="append", metavar="PATH", help="rules file or directory (BASTION_RULES)")
+    p.add_argument("--require-all-rules", action="store_true",
+                   help="fail (exit 1) when a rule matched in no test case, naming each such rule; without it "
+                        "they are only listed")
     p.add_argument("files", nargs="+", metavar="TESTFILE")
     p.set_defaults(handler=cmd_test)
 
@@ -73,7 +77,7 @@ def _load(paths: list[str]) -> Policy | None:
         return load_policy(paths)
     except PolicyLoadError as e:
         for issue in e.issues:
-            print(issue, file=sys.stderr)
+            print(issue.coded(), file=sys.stderr)
         print(f"policy invalid: {len(e.issues)} problem(s)", file=sys.stderr)
         return None
 
@@ -83,11 +87,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         policy = load_policy(args.paths)
     except PolicyLoadError as e:
         if args.format == "json":
-            print(json.dumps({"ok": False, "errors": [
-                {"file": i.file, "line": i.line, "message": i.message} for i in e.issues]}))
+            print(json.dumps({"ok": False, "errors": [i.to_json() for i in e.issues]}))
         else:
             for issue in e.issues:
-                print(issue)
+                print(issue.coded())
             print(f"invalid: {len(e.issues)} problem(s)", file=sys.stderr)
         return EXIT_INVALID
     if args.format == "json":
@@ -176,7 +179,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     policy = _load(paths)
     if policy is None:
         return EXIT_INVALID
-    report = run_suites(policy, [Path(f) for f in args.files])
+    report = run_suites(policy, [Path(f) for f in args.files], require_all_rules=args.require_all_rules)
     for err in report.load_errors:
         print(err)
     for r in report.results:
@@ -189,6 +192,9 @@ def cmd_test(args: argparse.Namespace) -> int:
                 print(f"     {p}")
     if report.unexercised:
         print(f"rules no test exercised: {', '.join(report.unexercised)}")
+        if args.require_all_rules:
+            print(f"FAIL --require-all-rules: {len(report.unexercised)} rule(s) matched in no test case: "
+                  f"{', '.join(report.unexercised)}; add a case that reaches each")
     passed = sum(r.passed for r in report.results)
     failed = len(report.results) - passed
     print(f"policy tests: {passed} passed, {failed} failed")

@@ -39,7 +39,8 @@ from bastion.policy.decision import (
 )
 from bastion.policy.facts import DEFAULT_NORMALIZE, EvalError, NormalizeSettings, RequestFacts
 from bastion.policy.fleet_rules import CompiledBudget, GuardSpec
-from bastion.policy.matchers import Captures, Matcher, Template
+from bastion.policy.matchers import Captures, Matcher
+from bastion.policy.templates import Template
 
 _DUMMY_SHA = "0" * 64
 
@@ -114,6 +115,7 @@ class CompiledRule:
     # The rule as written, for `to_json`: JSON text rather than the validated model, because the model is about
     # ten objects the garbage collector walks on every full collection, per rule (half a 10,000-rule policy's).
     spec: str = field(repr=False)
+    description: str | None = None
     hosts: tuple[Any, ...] = ()  # HostPattern objects, for the index
     methods: frozenset[str] | None = None
     ports: frozenset[int] | None = None

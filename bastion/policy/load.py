@@ -4,7 +4,8 @@ A directory contributes every `*.yaml`/`*.yml` directly inside it, in name order
 Kubernetes ConfigMap mounts, whose real files sit in `..data/`, load once through their symlinks) and
 `*_test.yaml` suites (so `bastion test` files may sit beside the rules). Files merge: agents, users and rules
 from all of them, `defaults`, `audit`, `approvals` and `normalize` from exactly one, network allowances from
-all. The loader collects every error before giving up, so one `bastion check` run shows them all.
+all. The loader collects every error before giving up, so one `bastion check` run shows them all. Each
+error carries a stable code (`ISSUE_CODES`, docs/policy-errors.md) beside its message, for tools to act on.
 """
 
 from __future__ import annotations
@@ -38,15 +39,15 @@ from bastion.policy.matchers import (
     HostMatcher,
     Matcher,
     PathMatcher,
-    Template,
     build_set_matcher,
     compile_fields,
     compile_host,
     compile_path,
-    compile_template,
 )
 from bastion.policy.pacing import Pacer, release_paced
 from bastion.policy.schema import NAME, ApprovalModel, CompleteModel, MatchModel, PolicyFile, RuleModel
+from bastion.policy.schema_errors import explain_pydantic
+from bastion.policy.templates import Template, compile_template
 from bastion.policy.traffic_matchers import compile_llm, compile_mcp
 from bastion.policy.yamlsource import YamlDocument, parse_yaml
 
@@ -56,14 +57,78 @@ _METHOD_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~")
 _SCHEMES = frozenset({"http", "https", "ws", "wss"})
 
 
+# Every code a PolicyIssue may carry, and what it means (docs/policy-errors.md lists each with an example; a
+# test keeps the two in step). Codes are stable: scripts and CI annotations act on them, so a message may be
+# reworded but a code is never renamed or reused.
+ISSUE_CODES: dict[str, str] = {
+    "no_rules": "no rules path was given (--rules or BASTION_RULES)",
+    "no_such_file": "a rules path does not exist",
+    "no_policy_files": "a rules directory holds no *.yaml or *.yml file",
+    "unreadable": "a rules file cannot be read, or is not UTF-8",
+    "yaml_syntax": "the file is not YAML Bastion can read",
+    "duplicate_key": "a mapping holds the same key twice",
+    "empty_file": "the file holds no YAML document",
+    "not_a_mapping": "the document is not a mapping",
+    "unknown_key": "a key the format does not have (usually a typo)",
+    "missing_key": "a required key is absent",
+    "wrong_type": "a value of the wrong kind (a string where a list belongs)",
+    "yaml_boolean": "an unquoted yes/no/on/off/true/false where a string belongs",
+    "bad_value": "a value of the right kind that the key does not accept",
+    "bad_duration": "a duration that is not like 30s, 15m, 1h30m, or is not positive",
+    "bad_token": "a token_sha256 that is not 64 hex characters",
+    "bad_name": "an agent or user name with characters a name may not have",
+    "missing_defaults": "no file of the policy sets `defaults`",
+    "duplicate_section": "a section only one file may hold is set in two",
+    "duplicate_agent": "two agents share a name",
+    "duplicate_user": "two users share a name",
+    "duplicate_rule": "two rules share an id",
+    "duplicate_budget": "two budgets share an id",
+    "duplicate_guard": "two guards share an id",
+    "undefined_agent": "an `agents` selector names an agent that is not defined",
+    "undefined_role": "an `agents` selector names a role no agent has",
+    "undefined_user": "an agent's owner is not a defined user",
+    "undefined_approver": "an approver is not a defined user, or a role no user has",
+    "effect_conflict": "a key that does not go with the rule's effect",
+    "empty_unless": "an `unless` block with no condition, which would exempt every request",
+    "bad_host": "a host pattern the matcher refuses",
+    "bad_path": "a path pattern the matcher refuses",
+    "bad_method": "an HTTP method that is not a token",
+    "bad_scheme": "a scheme other than http, https, ws and wss",
+    "bad_port": "a port outside 1-65535",
+    "bad_condition": "a query, headers, json, llm or mcp condition the matcher refuses",
+    "bad_regex": "a regular expression that does not compile",
+    "bad_template": "a key template with a bad placeholder, or one the rule's path does not capture",
+    "bad_cidr": "a network allowance that is not an IP network",
+    "agent_not_in_policy": "the agent a sidecar is pinned to (--agent) is not defined in the policy",
+    "internal_error": "the loader failed unexpectedly (a bug: please report it)",
+}
+
+
 @dataclass(frozen=True)
 class PolicyIssue:
+    """One problem of a policy: where, a message for people, and a stable code (`ISSUE_CODES`) for tools.
+
+    str() is `FILE:LINE: message`, the form logs and editors' problem matchers read; `coded()` adds the code."""
+
     file: str
     line: int | None
     message: str
+    code: str
+
+    def __post_init__(self) -> None:
+        if self.code not in ISSUE_CODES:  # a typo would publish a code no documentation explains
+            raise ValueError(f"unknown policy issue code {self.code!r}")
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.message}" if self.line else f"{self.file}: {self.message}"
+
+    def coded(self) -> str:
+        """`FILE:LINE: [code] message`: what `bastion check` prints (still `FILE:LINE: ` first)."""
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: [{self.code}] {self.message}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "code": self.code, "message": self.message}
 
 
 class PolicyLoadError(Exception):
@@ -85,14 +150,16 @@ def policy_files(paths: typing.Sequence[str | Path]) -> tuple[list[Path], list[P
                 and not c.name.startswith(".") and c.is_file()
             )
             if not found:
-                issues.append(PolicyIssue(str(p), None, "directory holds no *.yaml or *.yml policy files"))
+                issues.append(PolicyIssue(str(p), None, "directory holds no *.yaml or *.yml policy files",
+                                          "no_policy_files"))
             files.extend(found)
         elif p.is_file():
             files.append(p)
         else:
-            issues.append(PolicyIssue(str(p), None, "no such file or directory"))
+            issues.append(PolicyIssue(str(p), None, "no such file or directory", "no_such_file"))
     if not paths:
-        issues.append(PolicyIssue("<rules>", None, "no rules given: pass --rules PATH or set BASTION_RULES"))
+        issues.append(PolicyIssue("<rules>", None, "no rules given: pass --rules PATH or set BASTION_RULES",
+                                  "no_rules"))
     return files, issues
 
 
@@ -113,8 +180,8 @@ class _Source:
     doc: YamlDocument
     model: PolicyFile
 
-    def at(self, path: tuple[str | int, ...], message: str) -> PolicyIssue:
-        return PolicyIssue(self.file, self.doc.line_of(path), message)
+    def at(self, path: tuple[str | int, ...], code: str, message: str) -> PolicyIssue:
+        return PolicyIssue(self.file, self.doc.line_of(path), message, code)
 
 
 class _Revision:
@@ -149,7 +216,7 @@ def load_policy(paths: typing.Sequence[str | Path]) -> Policy:
             raw = f.read_bytes()
             text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            issues.append(PolicyIssue(name, None, f"cannot read: {e}"))
+            issues.append(PolicyIssue(name, None, f"cannot read: {e}", "unreadable"))
             continue
         digest.add(f, raw)
         src = _parse_file(name, text, issues, pacer.pace)
@@ -186,19 +253,22 @@ def _release(sources: list[_Source], pace: typing.Callable[[], None]) -> None:
 def _parse_file(name: str, text: str, issues: list[PolicyIssue],
                 pace: typing.Callable[[], None] | None = None) -> _Source | None:
     doc = parse_yaml(text, pace)
-    issues.extend(PolicyIssue(name, i.line, i.message) for i in doc.issues)
+    issues.extend(PolicyIssue(name, i.line, i.message, i.code) for i in doc.issues)
     if doc.issues:
         return None
     if doc.data is None:
-        issues.append(PolicyIssue(name, None, "the file is empty: a policy needs at least `version: 1`"))
+        issues.append(PolicyIssue(name, None, "the file is empty: a policy needs at least `version: 1`",
+                                  "empty_file"))
         return None
     if not isinstance(doc.data, dict):
-        issues.append(PolicyIssue(name, doc.line_of(()), "a policy file must be a mapping with `version: 1`"))
+        issues.append(PolicyIssue(name, doc.line_of(()), "a policy file must be a mapping with `version: 1`",
+                                  "not_a_mapping"))
         return None
     model = _validate(doc.data, pace)
     if not isinstance(model, PolicyFile):
         for err in model:
-            issues.append(PolicyIssue(name, doc.line_of(err["loc"]), _explain_pydantic(err)))
+            code, message = explain_pydantic(err)
+            issues.append(PolicyIssue(name, doc.line_of(err["loc"]), message, code))
         return None
     return _Source(name, doc, model)
 
@@ -260,60 +330,6 @@ def parsed_files(paths: typing.Sequence[str | Path]) -> list[tuple[str, YamlDocu
     return out
 
 
-def _explain_pydantic(err: Any) -> str:
-    loc = err["loc"]
-    where = ".".join(str(p) for p in loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        key = str(loc[-1])
-        known = _known_keys(loc[:-1])
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else (f"; expected one of: {', '.join(known)}"
-                                                              if known else "")
-        return f"unknown key {key!r}{hint}"
-    if kind == "missing":
-        return f"{where}: required"
-    if kind == "literal_error":
-        expected = err.get("ctx", {}).get("expected", "")
-        return f"{where}: expected {expected}, got {err.get('input')!r}"
-    msg = err["msg"]
-    if kind == "string_type" and isinstance(err.get("input"), bool):
-        return (f"{where}: expected a string, got {err['input']!r}: YAML reads yes/no/on/off/true/false as "
-                "booleans, so quote the value")
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    return f"{where}: {msg}" if where else msg
-
-
-def _known_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The field names allowed at `loc`, found by walking the models along the path."""
-    model: Any = PolicyFile
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        if not (isinstance(model, type) and issubclass(model, pydantic.BaseModel)):
-            model = None
-            continue
-        fields = {f.alias or n: f for n, f in model.model_fields.items()}
-        f = fields.get(str(part))
-        if f is None:
-            continue  # a dict key (agent or user name): stay on the value model
-        model = _inner_model(f.annotation)
-    if isinstance(model, type) and issubclass(model, pydantic.BaseModel):
-        return [f.alias or n for n, f in model.model_fields.items()]
-    return []
-
-
-def _inner_model(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _inner_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Merge and compile
 
@@ -325,17 +341,20 @@ def _compile(
     defaults_at: list[_Source] = [s for s in sources if s.model.defaults is not None]
     if not defaults_at:
         first = sources[0].file if sources else "<rules>"
-        issues.append(PolicyIssue(first, None, "defaults.effect is required (add `defaults: {effect: deny}`)"))
+        issues.append(PolicyIssue(first, None, "defaults.effect is required (add `defaults: {effect: deny}`)",
+                                  "missing_defaults"))
         return None
     for extra in defaults_at[1:]:
-        issues.append(extra.at(("defaults",), f"`defaults` is already set in {defaults_at[0].file}:"
-                                              f"{defaults_at[0].doc.line_of(('defaults',))}"))
+        issues.append(extra.at(("defaults",), "duplicate_section",
+                               f"`defaults` is already set in {defaults_at[0].file}:"
+                               f"{defaults_at[0].doc.line_of(('defaults',))}"))
     audits = [s for s in sources if s.model.audit is not None]
     for extra in audits[1:]:
-        issues.append(extra.at(("audit",), f"`audit` is already set in {audits[0].file}"))
+        issues.append(extra.at(("audit",), "duplicate_section", f"`audit` is already set in {audits[0].file}"))
     approval_blocks = [s for s in sources if s.model.approvals is not None]
     for extra in approval_blocks[1:]:
-        issues.append(extra.at(("approvals",), f"`approvals` is already set in {approval_blocks[0].file}"))
+        issues.append(extra.at(("approvals",), "duplicate_section",
+                               f"`approvals` is already set in {approval_blocks[0].file}"))
     normalize = _normalize_settings(sources, issues)
     defaults = defaults_at[0].model.defaults
     assert defaults is not None
@@ -350,7 +369,8 @@ def _compile(
         first = seen_at.get((kind, name))
         if first is not None:
             where = f"{first[0].file}:{first[0].doc.line_of(first[1])}"
-            issues.append(src.at(path, f"duplicate {kind} {name!r} (first defined at {where})"))
+            issues.append(src.at(path, _DUPLICATE_CODES[kind],
+                                 f"duplicate {kind} {name!r} (first defined at {where})"))
             return False
         seen_at[(kind, name)] = (src, path)
         return True
@@ -359,20 +379,21 @@ def _compile(
         for name, u in src.model.users.items():
             path = ("users", name)
             if problem := name_problem("user", name):
-                issues.append(src.at(path, problem))
+                issues.append(src.at(path, "bad_name", problem))
             elif first_time("user", name, src, path):
                 users[name] = UserSpec(name, frozenset(u.roles), u.token_sha256)
         for name, a in src.model.agents.items():
             path = ("agents", name)
             if problem := name_problem("agent", name):
-                issues.append(src.at(path, problem))
+                issues.append(src.at(path, "bad_name", problem))
             elif first_time("agent", name, src, path):
                 agents[name] = AgentSpec(name, frozenset(a.roles), a.token_sha256, a.status,
                                          a.mode or defaults.mode, a.owner, a.description)
     for src in sources:
         for name, a in src.model.agents.items():
             if a.owner is not None and a.owner not in users:
-                issues.append(src.at(("agents", name, "owner"), f"owner {a.owner!r} is not a defined user"))
+                issues.append(src.at(("agents", name, "owner"), "undefined_user",
+                                     f"owner {a.owner!r} is not a defined user"))
 
     agent_roles = {r for a in agents.values() for r in a.roles}
     user_roles = {r for u in users.values() for r in u.roles} | {"approver", "admin"}
@@ -390,7 +411,8 @@ def _compile(
             if isinstance(compiled, CompiledRule):
                 rules.append(compiled)
             else:
-                found = [src.at((*path, *e.subpath), f"rule {rm.id}: {e.message}") for e in compiled]
+                found = [src.at((*path, *e.subpath), _problem_code(e), f"rule {rm.id}: {e.message}")
+                         for e in compiled]
                 issues.extend(sorted(found, key=lambda i: i.line or 0))
 
     budgets = _compile_budgets(sources, issues, agents, agent_roles, normalize.path_case, first_time, shared)
@@ -403,7 +425,7 @@ def _compile(
             try:
                 networks.append(ipaddress.ip_network(cidr, strict=False))
             except ValueError:
-                issues.append(src.at(("network", "allow_private", i),
+                issues.append(src.at(("network", "allow_private", i), "bad_cidr",
                                      f"{cidr!r} is not an IP network (like 127.0.0.0/8 or ::1/128)"))
     audit = AuditSettings()
     if audits:
@@ -413,7 +435,7 @@ def _compile(
             try:
                 re.compile(pattern)
             except re.error as e:
-                issues.append(audits[0].at(("audit", "redact_patterns", i), f"bad regex {pattern!r}: {e}"))
+                issues.append(audits[0].at(("audit", "redact_patterns", i), "bad_regex", f"bad regex {pattern!r}: {e}"))
         audit = AuditSettings(
             max_body_bytes=am.max_body_bytes,
             redact_headers=tuple(h.lower() for h in am.redact_headers),
@@ -444,6 +466,44 @@ def _compile(
                   guards=tuple(guards), pace=pace)
 
 
+class _Problem(CompileError):
+    """A problem the loader finds itself, with its code. The matchers' CompileErrors carry none: their code
+    follows from where they sit (`_problem_code`)."""
+
+    def __init__(self, code: str, message: str, subpath: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message, subpath)
+        self.code = code
+
+
+_DUPLICATE_CODES = {"user": "duplicate_user", "agent": "duplicate_agent", "rule id": "duplicate_rule",
+                    "budget id": "duplicate_budget", "guard id": "duplicate_guard"}
+# A `match`/`unless` key -> the code of a problem inside it (condition kinds take `bad_regex` for a regex).
+_MATCH_CODES = {"host": "bad_host", "path": "bad_path", "method": "bad_method", "scheme": "bad_scheme",
+                "port": "bad_port", "query": "bad_condition", "headers": "bad_condition", "json": "bad_condition",
+                "llm": "bad_condition", "mcp": "bad_condition"}
+
+
+def _problem_code(e: CompileError) -> str:
+    """The code of a rule's, budget's or guard's compile problem.
+
+    The loader's own problems are `_Problem`s. The rest come from the matchers through `_compile_match`, whose
+    subpath is `(match | unless, [block], KEY, ...)`: KEY names the matcher. A condition's regex sits at
+    `(KEY, field..., "regex")`, the operator last, so a field that happens to be called `regex` is not taken
+    for one. `bad_value` is the fallback for a matcher problem with no recognizable place; every one found
+    through `_compile_match` has one."""
+    if isinstance(e, _Problem):
+        return e.code
+    rest = list(e.subpath)
+    while rest and (rest[0] in ("match", "unless") or isinstance(rest[0], int)):
+        rest.pop(0)
+    if not rest or rest[0] not in _MATCH_CODES:
+        return "bad_value"
+    code = _MATCH_CODES[rest[0]]
+    if code == "bad_condition" and len(rest) >= 3 and rest[-1] == "regex":
+        return "bad_regex"
+    return code
+
+
 def _selector_problems(selectors: list[str], agents: dict[str, AgentSpec],
                        agent_roles: set[str]) -> list[CompileError]:
     """Rule, budget and guard `agents` lists name defined agents, roles some agent has, or `*`."""
@@ -452,11 +512,11 @@ def _selector_problems(selectors: list[str], agents: dict[str, AgentSpec],
         sub = ("agents", j)
         if sel.startswith("role:"):
             if sel[5:] not in agent_roles:
-                problems.append(CompileError(f"no agent has role {sel[5:]!r}", sub))
+                problems.append(_Problem("undefined_role", f"no agent has role {sel[5:]!r}", sub))
         elif sel != "*" and sel not in agents:
             close = difflib.get_close_matches(sel, list(agents), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(CompileError(f"agent {sel!r} is not defined under `agents`{hint}", sub))
+            problems.append(_Problem("undefined_agent", f"agent {sel!r} is not defined under `agents`{hint}", sub))
     return problems
 
 
@@ -486,9 +546,10 @@ def _compile_budgets(sources: list[_Source], issues: list[PolicyIssue], agents: 
                 if missing:
                     raise CompileError(f"{{{sorted(missing)[0]}}} is not captured by this budget's `match.path`")
             except CompileError as e:
-                problems.append(CompileError(e.message, ("key",)))
+                problems.append(_Problem("bad_template", e.message, ("key",)))
             if problems or key is None:
-                issues.extend(src.at((*path, *e.subpath), f"budget {bm.id}: {e.message}") for e in problems)
+                issues.extend(src.at((*path, *e.subpath), _problem_code(e), f"budget {bm.id}: {e.message}")
+                              for e in problems)
                 continue
             unit = "calls" if bm.limit.calls is not None else "tokens"
             out.append(CompiledBudget(
@@ -508,7 +569,8 @@ def _compile_guards(sources: list[_Source], issues: list[PolicyIssue], agents: d
                 continue
             problems = _selector_problems(gm.agents, agents, agent_roles)
             if problems:
-                issues.extend(src.at((*path, *e.subpath), f"guard {gm.id}: {e.message}") for e in problems)
+                issues.extend(src.at((*path, *e.subpath), _problem_code(e), f"guard {gm.id}: {e.message}")
+                              for e in problems)
                 continue
             when = gm.when
             metric, limit = next((m, v) for m, v in (("denials", when.denials), ("errors", when.errors),
@@ -522,8 +584,9 @@ def _normalize_settings(sources: list[_Source], issues: list[PolicyIssue]) -> No
     """The one `normalize:` section (a second one is an error: it governs every rule of every file)."""
     blocks = [s for s in sources if s.model.normalize is not None]
     for extra in blocks[1:]:
-        issues.append(extra.at(("normalize",), f"`normalize` is already set in {blocks[0].file}:"
-                                               f"{blocks[0].doc.line_of(('normalize',))}"))
+        issues.append(extra.at(("normalize",), "duplicate_section",
+                               f"`normalize` is already set in {blocks[0].file}:"
+                               f"{blocks[0].doc.line_of(('normalize',))}"))
     if not blocks:
         return NormalizeSettings()
     nm = blocks[0].model.normalize
@@ -564,15 +627,17 @@ def _compile_rule(
 
     problems.extend(_selector_problems(rm.agents, agents, agent_roles))
     if rm.effect == "deny" and (rm.lock or rm.release):
-        problems.append(CompileError("a deny rule cannot take or release a lock",
+        problems.append(_Problem("effect_conflict", "a deny rule cannot take or release a lock",
                                      ("lock" if rm.lock else "release",)))
     if rm.effect == "deny" and (rm.requires or rm.complete):
-        problems.append(CompileError("a deny rule cannot require or complete a milestone",
+        problems.append(_Problem("effect_conflict", "a deny rule cannot require or complete a milestone",
                                      ("requires" if rm.requires else "complete",)))
     if rm.approval is not None and rm.effect != "hold":
-        problems.append(CompileError("`approval` only belongs on a rule with effect: hold", ("approval",)))
+        problems.append(_Problem("effect_conflict", "`approval` only belongs on a rule with effect: hold",
+                                 ("approval",)))
     if rm.message is not None and rm.effect == "allow":
-        problems.append(CompileError("`message` is shown to agents on refusals; an allow rule never shows it",
+        problems.append(_Problem("effect_conflict",
+                                 "`message` is shown to agents on refusals; an allow rule never shows it",
                                      ("message",)))
 
     hosts: tuple[Any, ...] = ()
@@ -592,7 +657,7 @@ def _compile_rule(
         compiled = attempt(_compile_match, block, sub, _path_folds(path_case, rm.effect, True), fold_captures,
                            shared)
         if compiled is not None and not compiled[0]:
-            problems.append(CompileError("an empty `unless` block would exempt every request", sub))
+            problems.append(_Problem("empty_unless", "an empty `unless` block would exempt every request", sub))
         elif compiled is not None:
             unless.append(UnlessBlock(tuple(compiled[0])))
     match_ok = not any(e.subpath[:1] == ("match",) for e in problems)
@@ -601,12 +666,12 @@ def _compile_rule(
         try:
             tpl = compile_template(text)
         except CompileError as e:
-            raise CompileError(e.message, sub) from None
+            raise _Problem("bad_template", e.message, sub) from None
         missing = tpl.captures - (captures or frozenset())
         if missing and match_ok:
             name = sorted(missing)[0]
-            raise CompileError(f"{{{name}}} is not captured by this rule's `match.path` (every path pattern "
-                               "must capture it)", sub)
+            raise _Problem("bad_template", f"{{{name}}} is not captured by this rule's `match.path` "
+                           "(every path pattern must capture it)", sub)
         return tpl
 
     lock_tpl = attempt(template, rm.lock.key, ("lock", "key")) if rm.lock else None
@@ -628,9 +693,9 @@ def _compile_rule(
             sub = ("approval", "approvers", j)
             if sel.startswith("role:"):
                 if sel[5:] not in user_roles:
-                    problems.append(CompileError(f"no user has role {sel[5:]!r}", sub))
+                    problems.append(_Problem("undefined_approver", f"no user has role {sel[5:]!r}", sub))
             elif sel != "*" and sel not in users:
-                problems.append(CompileError(f"approver {sel!r} is not a defined user", sub))
+                problems.append(_Problem("undefined_approver", f"approver {sel!r} is not a defined user", sub))
         approval = ApprovalSpec((tuple(am.approvers),), am.wait, am.timeout, (rm.id,), am.required,
                                 am.use_within, am.grants)
     if problems:
@@ -640,6 +705,7 @@ def _compile_rule(
         unless=tuple(unless), locks=locks, releases=releases, approval=approval, requires=requires,
         completes=completes, message=rm.message,
         source=f"{src.file}:{src.doc.line_of(path)}", spec=rm.model_dump_json(by_alias=True, exclude_none=True),
+        description=rm.description,
         hosts=hosts, methods=methods, ports=ports,
     )
 

@@ -19,10 +19,20 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+class PolicyValueError(ValueError):
+    """A value error that names its kind (a code of docs/policy-errors.md). Pydantic keeps the exception in
+    the error's `ctx`, so the loader can report `code` rather than the generic `bad_value`; it stays a
+    ValueError, so pydantic still catches it and callers of the helpers still see one."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def parse_duration(value: Any) -> float:
     """`30s`, `15m`, `1h`, `1h30m`, `500ms`, `2d`, or a plain number of seconds. Always > 0."""
     if isinstance(value, bool):
-        raise ValueError("a duration must be like 30s, 15m or 1h")
+        raise PolicyValueError("bad_duration", "a duration must be like 30s, 15m or 1h")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
@@ -34,11 +44,12 @@ def parse_duration(value: Any) -> float:
             seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
             pos = m.end()
         if pos != len(text) or not text:
-            raise ValueError(f"bad duration {value!r}: use a number with a unit, like 30s, 15m, 1h or 1h30m")
+            raise PolicyValueError("bad_duration",
+                                   f"bad duration {value!r}: use a number with a unit, like 30s, 15m, 1h or 1h30m")
     else:
-        raise ValueError("a duration must be like 30s, 15m or 1h")
+        raise PolicyValueError("bad_duration", "a duration must be like 30s, 15m or 1h")
     if seconds <= 0:
-        raise ValueError(f"duration {value!r} must be greater than zero")
+        raise PolicyValueError("bad_duration", f"duration {value!r} must be greater than zero")
     return seconds
 
 
@@ -62,7 +73,8 @@ def _sha256(value: str | None) -> str | None:
         return None
     v = value.strip().lower()
     if not SHA256_HEX.match(v):
-        raise ValueError("token_sha256 must be 64 hex characters (run `bastion token NAME` to make one)")
+        raise PolicyValueError("bad_token",
+                               "token_sha256 must be 64 hex characters (run `bastion token NAME` to make one)")
     return v
 
 

@@ -18,7 +18,9 @@ A suite is a YAML list of cases:
         # missing: [milestones], completes: [milestones], budgets: ["BUDGET:KEY", ...]
 
 Every case is evaluated with the engine's `explain`, so the suite also learns which rules matched at least once:
-rules no case exercised are listed, the way coverage tools list unexecuted lines.
+rules no case exercised are listed, the way coverage tools list unexecuted lines. With `require_all_rules`
+(`bastion test --require-all-rules`, which `make policy-tests` uses) they fail the run: a rule no case reaches
+is a rule whose meaning nothing pins down, so an edit that breaks it would pass unnoticed.
 """
 
 from __future__ import annotations
@@ -75,10 +77,12 @@ class SuiteReport:
     results: list[CaseResult] = field(default_factory=list)
     load_errors: list[str] = field(default_factory=list)
     unexercised: list[str] = field(default_factory=list)
+    require_all_rules: bool = False  # unexercised rules fail the run, rather than only being listed
 
     @property
     def ok(self) -> bool:
-        return not self.load_errors and all(r.passed for r in self.results) and bool(self.results)
+        return (not self.load_errors and all(r.passed for r in self.results) and bool(self.results)
+                and not (self.require_all_rules and self.unexercised))
 
 
 def load_cases(path: Path) -> tuple[list[tuple[int | None, Case]], list[str]]:
@@ -130,8 +134,9 @@ def check_jsonrpc(facts: RequestFacts) -> RequestFacts:
     return facts
 
 
-def run_suites(policy: Policy, files: list[Path]) -> SuiteReport:
-    report = SuiteReport()
+def run_suites(policy: Policy, files: list[Path], require_all_rules: bool = False) -> SuiteReport:
+    """Every case of `files` against `policy`. `require_all_rules`: a rule no case matched fails the report."""
+    report = SuiteReport(require_all_rules=require_all_rules)
     exercised: set[str] = set()
     for path in files:
         cases, errors = load_cases(path)

@@ -51,6 +51,7 @@ _STR_TAG = "tag:yaml.org,2002:str"
 class SourceIssue:
     line: int | None
     message: str
+    code: str = "yaml_syntax"  # docs/policy-errors.md: every problem found here but duplicate keys is unreadable YAML
 
 
 @dataclass
@@ -249,7 +250,8 @@ def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: Path, doc: YamlDocu
             child = (*path, key_s)
             if key_s in out:
                 doc.issues.append(SourceIssue(key_node.start_mark.line + 1,
-                                              f"duplicate key {key_s!r} (first at line {doc.lines[child]})"))
+                                              f"duplicate key {key_s!r} (first at line {doc.lines[child]})",
+                                              "duplicate_key"))
                 continue
             doc.lines[child] = key_node.start_mark.line + 1
             out[key_s] = _convert(loader, value_node, child, doc)

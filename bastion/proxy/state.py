@@ -49,7 +49,7 @@ class ReloadResult:
             "at": self.at,
             "revision": self.revision,
             "changed": self.changed,
-            "errors": [{"file": i.file, "line": i.line, "message": i.message} for i in self.issues],
+            "errors": [{"file": i.file, "line": i.line, "code": i.code, "message": i.message} for i in self.issues],
         }
 
 
@@ -103,7 +103,7 @@ class PolicyState:
             return self._failed(trigger, tuple(e.issues))
         except Exception as e:  # an unexpected loader failure must not take the proxy down
             log.exception("policy reload (%s) failed unexpectedly", trigger)
-            return self._failed(trigger, (PolicyIssue("<rules>", None, f"unexpected error: {e!r}"),))
+            return self._failed(trigger, (PolicyIssue("<rules>", None, f"unexpected error: {e!r}", "internal_error"),))
 
     def _reloaded(self, trigger: str, new: Policy | ReloadResult) -> ReloadResult:
         if isinstance(new, ReloadResult):
