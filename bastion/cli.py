@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "bastion.coord.fleet_commands",
     "bastion.audit.commands",
     "bastion.dashboard.standalone",
+    "bastion.demo.commands",
 )
 
 
