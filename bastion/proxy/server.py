@@ -63,7 +63,7 @@ def pinned_agent_validator(agent: str | None) -> Any:
             return []
         where = policy.sources[0] if policy.sources else "<rules>"
         return [PolicyIssue(where, None, f"agent {agent!r} (--agent / BASTION_AGENT) is not defined under "
-                                         "`agents` in the rules")]
+                                         "`agents` in the rules", "agent_not_in_policy")]
 
     return validate
 
@@ -81,7 +81,7 @@ class Lifecycle:
 @dataclass
 class Proxy:
     master: Any
-    gate: Any
+    flights: Any  # the `Flights` stage: what is in flight, for a graceful shutdown
     guard: Any
     lifecycle: Lifecycle
     header_timeout: Any
@@ -97,6 +97,14 @@ class Fleet:
     milestones: Any = None  # the Milestones stage, once built (a milestone cleared here is forgotten at once)
 
 
+_EMPTY_POLICY_HINT = """\
+bastion: this policy lets nothing through yet (no agents or no rules): every call will be refused.
+  To see everything working first:  bastion demo
+  To let an agent in: `bastion token NAME` prints a token and its YAML line; add the agent and an allow rule
+  to the rules file (it reloads by itself), then point the agent at http://NAME:TOKEN@<proxy address>.
+  The README's five-minute tour walks through it with rules/examples/tour.yaml."""
+
+
 def build_proxy(settings: ServeSettings, state: PolicyState, protected: ProtectedTargets,
                 upstream_trust: Path | None, lock_store: LockStore | None = None, capture: Any = None,
                 holds: Any = None, fleet: Fleet | None = None) -> Proxy:
@@ -108,13 +116,20 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
     from mitmproxy.master import Master
 
     from bastion.proxy import httplimits
+    from bastion.proxy.agent_guards import Guards
     from bastion.proxy.alpn import PreferHttp2
+    from bastion.proxy.budgets import Budgets, BudgetSettle
     from bastion.proxy.enforce import Enforce
+    from bastion.proxy.flights import Flights
     from bastion.proxy.gate import Gate
     from bastion.proxy.guard import InboundGuard, NetworkGuard
     from bastion.proxy.identity import Identity
+    from bastion.proxy.locks import TaskLocks
     from bastion.proxy.memory import ReleaseBodies
+    from bastion.proxy.milestones import Milestones
+    from bastion.proxy.pauses import PauseCheck
     from bastion.proxy.pipeline import Pipeline
+    from bastion.proxy.streaming import ResponseStreaming
     from bastion.proxy.timeouts import HeaderTimeout
     from bastion.proxy.traffic import Traffic
     from bastion.proxy.wsession import WebSocketSessions
@@ -135,53 +150,48 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
     master = Master(opts)
     lifecycle = Lifecycle()
     guard = NetworkGuard(protected)
-    gate = Gate()
+    flights = Flights()
     server = proxyserver.Proxyserver()
     header_timeout = HeaderTimeout(server, settings.header_timeout)
-    stages: list[object] = [
+    if fleet is not None:
+        fleet.milestones = Milestones(fleet.store)  # kept: a milestone cleared here is forgotten at once
+    # The order requests pass the stages, top to bottom (None: a stage whose service is not wired in).
+    stages = [s for s in (
         lifecycle,
         InboundGuard(),
         header_timeout,
         PreferHttp2(),
+        # audit intake before identity: what the agent sent, before any stage changes it
+        capture.intake if capture is not None else None,
         Identity(state, settings.agent),
         Enforce(max_request_body=settings.max_request_body, max_header_bytes=settings.max_header_bytes),
+        # a paused agent is stopped before anything else is asked on its behalf
+        PauseCheck(fleet.watch) if fleet is not None else None,
         guard,
-        # Stages that meet obligations (task locks, approvals) go here, before the gate refuses what is unmet;
-        gate,
+        # Stages that meet obligations, before the gate refuses what is unmet. Milestones before approvals (no
+        # person is asked about a call that cannot go yet); approvals before locks and budgets (a lock is taken
+        # only for a call no person still has to decide on); then a call that waited for a person while its
+        # agent was paused is refused; then its budgets are reserved and its task locks taken.
+        fleet.milestones if fleet is not None else None,
+        holds,
+        PauseCheck(fleet.watch, recheck=True) if fleet is not None else None,
+        Budgets(fleet.store) if fleet is not None else None,
+        TaskLocks(lock_store) if lock_store is not None else None,
+        Gate(),
+        # Stages that follow the call without refusing it: whether its answer is streamed, then in-flight
+        # counting and request metrics (the outcome is final by now), then websocket sessions.
+        ResponseStreaming(),
+        flights,
         WebSocketSessions(server, max_text_bytes=capture and (lambda: capture.writer.config.max_body_bytes)),
-        # observers go after the gate, so they see the final outcome of every request: what the traffic
-        # meant (LLM and MCP facts), then the audit capture (which records those facts too).
+        # Observers, so they see the final outcome of every request: what the traffic meant (LLM and MCP
+        # facts); after it what the answer cost against budgets and the agent guards (it knows the tokens an
+        # answer used); then the audit capture (which records all of that too).
         Traffic(response_facts=settings.response_facts),
-    ]
-    if fleet is not None:  # a paused agent is stopped first; its dependencies are checked before anyone is asked
-        from bastion.proxy.milestones import Milestones
-        from bastion.proxy.pauses import PauseCheck
-
-        stages.insert(stages.index(guard), PauseCheck(fleet.watch))
-        fleet.milestones = Milestones(fleet.store)
-        stages.insert(stages.index(gate), fleet.milestones)
-    if holds is not None:  # approvals first: a lock is taken only for a call no person still has to decide on
-        stages.insert(stages.index(gate), holds)
-    if fleet is not None:  # a call that waited for a person while its agent was paused; then its budgets
-        from bastion.proxy.budgets import Budgets
-        from bastion.proxy.pauses import PauseCheck
-
-        stages.insert(stages.index(gate), PauseCheck(fleet.watch, recheck=True))
-        stages.insert(stages.index(gate), Budgets(fleet.store))
-    if lock_store is not None:
-        from bastion.proxy.locks import TaskLocks
-
-        stages.insert(stages.index(gate), TaskLocks(lock_store))
-    if fleet is not None:  # after the traffic stage, which knows the tokens an answer used
-        from bastion.proxy.agent_guards import Guards
-        from bastion.proxy.budgets import BudgetSettle
-
-        stages.append(BudgetSettle(fleet.store))
-        stages.append(Guards(fleet.store, fleet.watch))
-    if capture is not None:  # audit: intake before identity (what the agent sent), capture last (how it ended)
-        stages.insert(next(i for i, s in enumerate(stages) if isinstance(s, Identity)), capture.intake)
-        stages.append(capture)
-    stages.append(ReleaseBodies())  # after the record is taken: the request body is not read again
+        BudgetSettle(fleet.store) if fleet is not None else None,
+        Guards(fleet.store, fleet.watch) if fleet is not None else None,
+        capture,
+        ReleaseBodies(),  # after the record is taken: the request body is not read again
+    ) if s is not None]
     # mitmproxy's own addons: only those the proxy needs. Every addon in the chain costs CPU on every event
     # of every request, so Core (interactive commands), Block (replaced by InboundGuard) and DisableH2C
     # (handled by Enforce) are left out.
@@ -196,7 +206,7 @@ def build_proxy(settings: ServeSettings, state: PolicyState, protected: Protecte
         connection_strategy="lazy",  # no upstream connection for refused requests
         tcp_timeout=max(1, round(settings.idle_timeout)),  # mitmproxy's inactivity timeout (per connection)
     )
-    return Proxy(master, gate, guard, lifecycle, header_timeout)
+    return Proxy(master, flights, guard, lifecycle, header_timeout)
 
 
 async def protected_targets(settings: ServeSettings) -> ProtectedTargets:
@@ -240,9 +250,7 @@ class _DropListenErrors(logging.Filter):
 async def serve(settings: ServeSettings, *, audit: bool = True) -> int:
     """Run until SIGTERM/SIGINT. `audit=False` leaves the audit capture out: only for benchmarks measuring
     what capture costs (bench/audit_proxy_bench.py); no flag or variable exposes it."""
-    from bastion.coord.approvals import open_approval_store
-    from bastion.coord.fleet import open_fleet_store
-    from bastion.coord.store import open_store
+    from bastion.coord import open_approval_store, open_fleet_store, open_store
     from bastion.proxy.auditing import AuditService
     from bastion.proxy.memory import tune_allocator
 
@@ -372,6 +380,8 @@ async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, flee
     pinned = f", every connection is agent {settings.agent!r}" if settings.agent else ""
     print(f"bastion: proxy on http://{_fmt(listen_addr)}, admin on http://{_fmt(admin_addr)} "
           f"(policy {policy.revision[:12]}, {len(policy.rules)} rules{pinned})", flush=True)
+    if not policy.rules or not (policy.agents or settings.agent):
+        print(_EMPTY_POLICY_HINT, flush=True)
 
     background: set[asyncio.Task[Any]] = set()
     background.add(asyncio.create_task(keep_locks_gauge(store), name="locks-gauge"))
@@ -404,16 +414,16 @@ async def _serve(settings: ServeSettings, store: LockStore, approvals: Any, flee
         draining = True
         for sig in (signal.SIGHUP,):
             loop.remove_signal_handler(sig)
-        log.info("shutting down: closing the proxy listener, %d call(s) in flight", proxy.gate.inflight)
+        log.info("shutting down: closing the proxy listener, %d call(s) in flight", proxy.flights.inflight)
         await ps.servers.update([])  # stop accepting (master.shutdown() alone leaves the socket open)
         holds.watch.close()  # held calls answer 409 now; their approvals stay in the store for the re-sends
-        waiter = asyncio.create_task(proxy.gate.wait_idle())
+        waiter = asyncio.create_task(proxy.flights.wait_idle())
         forced = asyncio.create_task(force.wait())
         await asyncio.wait({waiter, forced}, timeout=settings.grace, return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
         if not waiter.done():
             waiter.cancel()
-            log.warning("shutdown: %d call(s) still in flight %s; cutting them", proxy.gate.inflight,
+            log.warning("shutdown: %d call(s) still in flight %s; cutting them", proxy.flights.inflight,
                         "at the second signal" if force.is_set() else f"after the {settings.grace:g}s grace period")
         await cancel_and_wait(watcher)
         for task in list(background):
