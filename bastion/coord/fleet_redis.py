@@ -48,6 +48,7 @@ from bastion.coord.fleet import (
     Unit,
 )
 from bastion.coord.redis import _glob_escape, _ms, redis_client
+from bastion.coord.redis_batch import ScriptBatcher
 from bastion.coord.store import DEFAULT_KEY_PREFIX, StoreUnavailable
 
 T = TypeVar("T")
@@ -203,6 +204,7 @@ class RedisFleetStore(FleetStore):
         self._pause_script = client.register_script(_PAUSE)
         self._resume_script = client.register_script(_RESUME)
         self._count_script = client.register_script(_COUNT)
+        self._batch = ScriptBatcher(client)  # reservations: one per budgeted call, the hot path
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str = DEFAULT_KEY_PREFIX, timeout: float = 2.0,
@@ -277,9 +279,9 @@ class RedisFleetStore(FleetStore):
 
     async def _reserve(self, budget: str, key: str, unit: Unit, limit: int, per: float,
                        amount: int) -> Reservation | Exceeded:
-        admitted, used, start_ms, end_ms = await self._call(self._reserve_script(
-            keys=[self._budget_index],
-            args=[self._budget_head(budget), key, budget, unit, limit, _ms(per), amount]))
+        admitted, used, start_ms, end_ms = await self._call(self._batch.call(
+            self._reserve_script, [self._budget_index],
+            [self._budget_head(budget), key, budget, unit, limit, _ms(per), amount]))
         if not int(admitted):
             return Exceeded(budget=budget, key=key, unit=unit, limit=limit, used=int(used),
                             resets_at=int(end_ms) / 1000)
@@ -324,5 +326,6 @@ class RedisFleetStore(FleetStore):
         await self._call(self._client.ping())
 
     async def close(self) -> None:
+        await self._batch.close()
         closer = getattr(self._client, "aclose", None) or self._client.close
         await closer()
