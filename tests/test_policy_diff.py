@@ -499,7 +499,8 @@ def test_cli_exit_3_for_an_invalid_policy(tmp_path: Path) -> None:
     assert f"{bad}:19: " in res.stderr and res.stdout == ""
     both = run(bad, tmp_path / "missing.yaml")
     assert both.returncode == 3
-    assert f"{bad}:19: " in both.stderr and f"{tmp_path / 'missing.yaml'}: [no_such_file] no such file or directory" in both.stderr
+    assert f"{bad}:19: " in both.stderr
+    assert f"{tmp_path / 'missing.yaml'}: [no_such_file] no such file or directory" in both.stderr
 
 
 def test_cli_on_directories(tmp_path: Path) -> None:
