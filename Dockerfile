@@ -14,6 +14,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY bastion ./bastion
+# bastion/demo/policy.yaml is a symlink to rules/examples/demo.yaml: the wheel carries its target.
+COPY rules ./rules
 RUN python -m venv /opt/bastion && /opt/bastion/bin/pip install .
 
 # ---- runtime ----------------------------------------------------------------------------------------------

@@ -432,6 +432,37 @@ async def test_redis_batch_reloads_a_script_redis_forgot() -> None:
         await client.aclose()
 
 
+async def test_redis_batch_answers_every_call_when_closed_or_abandoned_mid_flight() -> None:
+    """No call of a batch is left waiting: not when one caller goes away, not when the store closes."""
+    import redis.asyncio as aioredis
+
+    from bastion.coord.redis_batch import ScriptBatcher
+
+    url = require_redis()
+    client = aioredis.Redis.from_url(url)
+    key = f"test-fleet-{uuid.uuid4().hex}:n"
+    script = client.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    try:
+        for close_it in (False, True):
+            batcher = ScriptBatcher(client)
+            await client.script_flush()  # the batch will meet NOSCRIPT and retry call by call
+            batcher._busy = True
+            calls = [asyncio.ensure_future(batcher.call(script, [key], [1])) for _ in range(6)]
+            await asyncio.sleep(0)
+            batcher._busy = False
+            batcher._start_drain()
+            await asyncio.sleep(0.001)
+            calls[1].cancel()
+            if close_it:
+                await batcher.close()
+            outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+            assert all(isinstance(o, (int, ConnectionError, asyncio.CancelledError)) for o in outcomes)
+            await batcher.close()
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
 async def test_redis_unreachable_fails_every_concurrent_reservation_cleanly() -> None:
     store = open_fleet_store("redis://127.0.0.1:1/0", key_prefix=f"test-fleet-{uuid.uuid4().hex}:")
     try:

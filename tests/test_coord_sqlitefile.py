@@ -121,3 +121,41 @@ async def test_writes_queued_when_the_store_closes_are_refused_not_lost_in_silen
     assert all(o in {"late0", "late1", "late2"} or isinstance(o, Exception) for o in outcomes)
     with pytest.raises(RuntimeError, match="closed"):
         await f.run(_insert("after"), write=True)
+
+
+async def test_a_bad_statement_fails_that_write_alone(tmp_path: Path) -> None:
+    f = _file(tmp_path)
+
+    def bad_binding(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO items (name, n) VALUES (?, ?)", ("bad", {"not": "bindable"}))
+
+    outcomes = await asyncio.gather(f.run(_insert("a"), write=True), f.run(bad_binding, write=True),
+                                    f.run(_insert("b"), write=True), return_exceptions=True)
+    assert outcomes[0] == "a" and outcomes[2] == "b"
+    assert isinstance(outcomes[1], StoreUnavailable)
+    assert await f.run(_names, write=False) == ["a", "b"]
+    await f.close()
+
+
+async def test_a_write_cancelled_before_it_started_never_runs(tmp_path: Path) -> None:
+    f = _file(tmp_path)
+    first = asyncio.ensure_future(f.run(_insert("first"), write=True))
+    await asyncio.sleep(0)  # the first write is on the store thread; the next one queues behind it
+    cancelled = asyncio.ensure_future(f.run(_insert("cancelled"), write=True))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    assert await first == "first"
+    assert await f.run(_insert("after"), write=True) == "after"
+    assert await f.run(_names, write=False) == ["after", "first"]
+    await f.close()
+
+
+async def test_closing_refuses_queued_writes_and_keeps_the_connection_closed(tmp_path: Path) -> None:
+    f = _file(tmp_path)
+    writes = [asyncio.ensure_future(f.run(_insert(f"w{i}"), write=True)) for i in range(4)]
+    await asyncio.sleep(0)
+    await f.close()
+    outcomes = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 5)
+    assert outcomes[0] == "w0"  # already on the store thread when the store closed
+    assert all(isinstance(o, RuntimeError) for o in outcomes[1:])
+    assert f._conn is None

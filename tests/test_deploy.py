@@ -204,7 +204,8 @@ def test_image_install_and_healthcheck(tmp_path: Path) -> None:
                 into = target / src.name if dest.endswith("/") or len(sources) > 1 else target
                 into.parent.mkdir(parents=True, exist_ok=True)
                 if src.is_dir():
-                    shutil.copytree(src, into, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                    shutil.copytree(src, into, symlinks=True,  # as COPY does: a link stays a link
+                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
                 else:
                     shutil.copy2(src, into)
     assert (root / "src" / "pyproject.toml").exists() or any(root.rglob("pyproject.toml"))
@@ -255,6 +256,11 @@ def test_image_install_and_healthcheck(tmp_path: Path) -> None:
     assert bastion_bin and str(root) in bastion_bin, f"`bastion` is not on the image's PATH: {run_env['PATH']}"
     help_run = subprocess.run([bastion_bin, "--help"], env=run_env, capture_output=True, text=True, timeout=60)
     assert help_run.returncode == 0 and "serve" in help_run.stdout, help_run.stderr
+    demo_policy = subprocess.run(  # `bastion demo` runs from the image too: its policy is in the wheel
+        [str(Path(bastion_bin).with_name("python")), "-c",
+         "from bastion.demo.runner import POLICY; print(POLICY.is_file() and not POLICY.is_symlink(), POLICY)"],
+        env=run_env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert demo_policy.stdout.startswith(f"True {root}"), demo_policy.stdout + demo_policy.stderr
 
     entry = next(_exec_form(a) for st, w, a in inst if st == last and w == "ENTRYPOINT")
     cmd = next(_exec_form(a) for st, w, a in inst if st == last and w == "CMD")

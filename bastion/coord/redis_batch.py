@@ -22,6 +22,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 MAX_BATCH = 64  # script calls per pipeline
+MAX_QUEUED = 4 * MAX_BATCH  # calls waiting behind the round trip in flight; past it, calls are refused at once
 
 Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]
 
@@ -44,6 +45,10 @@ class ScriptBatcher:
             finally:
                 self._busy = False
                 self._start_drain()
+        if len(self._queued) >= MAX_QUEUED:
+            # The store is not keeping up (or not answering): refuse now rather than behind a queue that only
+            # grows, each batch waiting out the connection's timeout in turn.
+            raise ConnectionError(f"{len(self._queued)} calls already wait for the store")
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((script, keys, args, done))
         return await done
@@ -64,31 +69,32 @@ class ScriptBatcher:
             self._start_drain()  # calls queued after a cancellation
 
     async def _run(self, batch: list[Call]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for script, keys, args, _ in batch:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        """One pipeline for the batch. Whatever happens (a dead connection, the store closing, a caller going
+        away mid-retry), every call of the batch is answered before this returns or raises."""
         try:
+            pipe = self._client.pipeline(transaction=False)
+            for script, keys, args, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
-        except BaseException as e:  # the connection, not one script (or closing): every call of the batch gets it
+            for (script, keys, args, done), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, NoScriptError) and not done.done():
+                    try:
+                        reply = await script(keys=keys, args=args)  # loads the script, then runs it
+                    except Exception as e:
+                        reply = e
+                if done.done():  # its caller went away; the script itself ran
+                    continue
+                if isinstance(reply, Exception):
+                    done.set_exception(reply)
+                else:
+                    done.set_result(reply)
+        except BaseException as e:  # the connection, not one script (or closing): the rest of the batch gets it
             error = e if isinstance(e, Exception) else ConnectionError("the store was closed")
             for *_, done in batch:
                 if not done.done():
                     done.set_exception(error)
             if not isinstance(e, Exception):
                 raise
-            return
-        for (script, keys, args, done), reply in zip(batch, replies, strict=True):
-            if done.done():  # its caller went away; the script itself ran
-                continue
-            if isinstance(reply, NoScriptError):
-                try:
-                    reply = await script(keys=keys, args=args)  # loads the script, then runs it
-                except Exception as e:
-                    reply = e
-            if isinstance(reply, Exception):
-                done.set_exception(reply)
-            else:
-                done.set_result(reply)
 
     async def close(self) -> None:
         """Fail what still waits; a batch in flight is cancelled (its scripts may or may not have run)."""

@@ -36,6 +36,8 @@ T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], Any]
 Outcome = tuple[bool, Any]  # (True, result) or (False, the exception to raise)
 MAX_BATCH = 64  # writes per transaction: bounds how long one batch holds the file's write lock
+# Errors that belong to one write (a constraint, a bad statement or value), not to the file or the connection.
+_ONE_WRITE_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError, sqlite3.DataError)
 
 
 def is_busy(error: sqlite3.Error) -> bool:
@@ -75,10 +77,16 @@ class SqliteFile:
         return await done
 
     def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A write whose caller was cancelled before it started is dropped, as an executor job would be.
+        self._queued = [(work, done) for work, done in self._queued if not done.done()]
+        if not self._queued:
+            return
         batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
         self._batch_running = True
         ran: Future[list[Outcome]]
         try:
+            if self._closed:
+                raise RuntimeError(f"the {self._what} is closed")
             ran = self._executor.submit(self._write_batch, [work for work, _ in batch])
         except RuntimeError as e:  # the store was closed while these waited
             ran = Future()
@@ -87,8 +95,11 @@ class SqliteFile:
             return
 
         def finished(_: Future[list[Outcome]]) -> None:  # on the store thread: one hand-off back per batch
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
+            try:
                 loop.call_soon_threadsafe(self._deliver, loop, batch, ran)
+            except RuntimeError:  # the loop is gone, and its waiters with it: the next loop starts afresh
+                self._batch_running = False
+                self._queued = []
 
         ran.add_done_callback(finished)
 
@@ -120,7 +131,7 @@ class SqliteFile:
                     conn.execute("SAVEPOINT write")
                     try:
                         result = work(conn)
-                    except sqlite3.IntegrityError as e:  # this write's own data: undone alone, as before
+                    except _ONE_WRITE_ERRORS as e:  # this write's own statements or data: undone alone
                         conn.execute("ROLLBACK TO write")
                         conn.execute("RELEASE write")
                         outcomes.append((False, self._unavailable(e, keep_connection=True)))
