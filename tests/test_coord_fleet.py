@@ -473,6 +473,30 @@ async def test_redis_unreachable_fails_every_concurrent_reservation_cleanly() ->
         await store.close()
 
 
+async def test_redis_that_never_answers_fails_every_concurrent_reservation() -> None:
+    """A black-holed Redis: the first call's timeout fails the calls queued behind it too (StoreUnavailable,
+    never a hang and never a local count)."""
+    from bastion.coord.fleet_redis import RedisFleetStore
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepts, reads nothing, answers nothing
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisFleetStore.from_url(f"redis://127.0.0.1:{port}/0", key_prefix="t:", timeout=0.2, retries=0)
+    try:
+        results = await asyncio.gather(*(store.reserve("b", "k", "calls", 5, 60, 1) for _ in range(200)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, StoreUnavailable) for r in results)
+    finally:
+        await store.close()
+        for w in held:
+            w.close()
+        server.close()
+
+
 async def test_sqlite_unreachable_is_store_unavailable(tmp_path: Path) -> None:
     store = open_fleet_store(f"sqlite:///{tmp_path / 'missing' / 'bastion.db'}")
     try:

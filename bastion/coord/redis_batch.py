@@ -19,10 +19,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 MAX_BATCH = 64  # script calls per pipeline
-MAX_QUEUED = 4 * MAX_BATCH  # calls waiting behind the round trip in flight; past it, calls are refused at once
+MAX_QUEUED = 10_000  # calls waiting behind the round trip in flight (a memory bound); past it, refused at once
 
 Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]
 
@@ -42,12 +44,13 @@ class ScriptBatcher:
             self._busy = True
             try:
                 return await script(keys=keys, args=args)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                self._fail_queued(e)  # the store just failed: the calls behind this one need not wait it out
+                raise
             finally:
                 self._busy = False
                 self._start_drain()
-        if len(self._queued) >= MAX_QUEUED:
-            # The store is not keeping up (or not answering): refuse now rather than behind a queue that only
-            # grows, each batch waiting out the connection's timeout in turn.
+        if len(self._queued) >= MAX_QUEUED:  # the store is not keeping up: refuse now, not after the queue
             raise ConnectionError(f"{len(self._queued)} calls already wait for the store")
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((script, keys, args, done))
@@ -90,11 +93,20 @@ class ScriptBatcher:
                     done.set_result(reply)
         except BaseException as e:  # the connection, not one script (or closing): the rest of the batch gets it
             error = e if isinstance(e, Exception) else ConnectionError("the store was closed")
+            # So do the calls queued behind it: the store just failed, and making each batch wait out its own
+            # timeout in turn would keep the last caller waiting for minutes before it is refused.
             for *_, done in batch:
                 if not done.done():
                     done.set_exception(error)
+            self._fail_queued(error)
             if not isinstance(e, Exception):
                 raise
+
+    def _fail_queued(self, error: BaseException) -> None:
+        waiting, self._queued = self._queued, []
+        for *_, done in waiting:
+            if not done.done():
+                done.set_exception(error)
 
     async def close(self) -> None:
         """Fail what still waits; a batch in flight is cancelled (its scripts may or may not have run)."""
