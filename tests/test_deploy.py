@@ -38,6 +38,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
+from services import require_command
 from support.bastion import BastionServer
 from support.ports import free_port
 
@@ -822,16 +823,16 @@ def test_alert_rules_structure() -> None:
             assert rule["expr"].count("(") == rule["expr"].count(")"), rule["alert"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian: prometheus)")
 def test_alert_rules_pass_promtool() -> None:
+    require_command("promtool")  # Debian: prometheus; .ci/run installs it
     proc = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"SUCCESS: {len(_alert_rules())} rules found" in proc.stdout, proc.stdout
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian: prometheus)")
 def test_grafana_queries_parse_with_promtool(tmp_path: Path) -> None:
     """The dashboard's PromQL is valid: each query, Grafana variables filled in, as a recording rule."""
+    require_command("promtool")
     fill = {"$__rate_interval": "5m", "$job": ".+", "$agent": ".*"}
     rules = []
     for i, (where, expr) in enumerate(_grafana_queries()):
