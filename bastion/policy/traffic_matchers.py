@@ -18,6 +18,7 @@ Values take the usual conditions: a scalar means equality, a list means any of, 
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -57,8 +58,9 @@ class _CallMatcher(Matcher):
     def __init__(self, checks: tuple[Check, ...]) -> None:
         self.checks = checks
 
+    @abstractmethod
     def call(self, facts: RequestFacts) -> Any:
-        raise NotImplementedError
+        """The request's LLM or MCP call, None when it is not one; raises EvalError when it cannot be read."""
 
     def test(self, facts: RequestFacts, caps: Captures) -> bool:
         call = self.call(facts)
