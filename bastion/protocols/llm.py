@@ -35,6 +35,13 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from bastion.protocols.quiet import (
+    HOLD_CHUNK_BYTES,
+    HOLD_CHUNKS,
+    ChunkTemplate,
+    anthropic_run_quiet,
+    chat_run_quiet,
+)
 from bastion.protocols.sse import SseEvent, SseParser
 
 LLM_PATH_ENDS = frozenset({"completions", "responses", "embeddings", "messages"})
@@ -61,6 +68,7 @@ _CHAT_FACTS = re.compile(r'"(?:usage|finish_reason|tool_calls|function_call|erro
 _CHAT_CHUNK_FACTS = re.compile(
     rb'"(?:usage|finish_reason|tool_calls|function_call|error)"\s*+:\s*+(?!null|\[\s*\])|\[DONE\]|event:')
 _ANTHROPIC_CHUNK_FACTS = re.compile(rb"message_|content_block_st|input_json_delta|error")
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 _RESPONSES_TEXT_DELTA = b"event: response.output_text.delta\n"
 _BIG_USAGE = re.compile(rb'"usage"\s*+:\s*+(\{(?:[^{}]++|\{[^{}]*+\})*+\})')   # one level of nested details
 _BIG_MODEL = re.compile(rb'"model"\s*+:\s*+("(?:[^"\\]|\\.){0,800}+")')
@@ -495,6 +503,15 @@ class _ToolCall:
         return call
 
 
+_STREAM_READING: dict[str, tuple[str, Callable[[bytes], bool] | None, bytes, bool]] = {
+    "chat.completions": ("_chat_event", chat_run_quiet, b"content", True),
+    "completions": ("_chat_event", chat_run_quiet, b"text", True),
+    "messages": ("_anthropic_event", anthropic_run_quiet, b"text", False),
+    "responses": ("_responses_event", None, b"", False),
+}
+_OTHER_READING: tuple[str, Callable[[bytes], bool] | None, bytes, bool] = ("_other_event", None, b"", False)
+
+
 class LlmResponseObserver:
     """Reads one model answer into the facts of `extra["llm"]`.
 
@@ -519,36 +536,119 @@ class LlmResponseObserver:
         self._usage: dict[str, int] = {}
         self._usage_reported = False
         self._error: dict[str, str] | None = None
-        self._on_event: Callable[[SseEvent], None] = {
-            "chat.completions": self._chat_event, "completions": self._chat_event,
-            "responses": self._responses_event, "messages": self._anthropic_event,
-        }.get(request.api, self._other_event)
+        # Per API: the event reader, the test for a run of held chunks and the member a template is learned
+        # on (see `feed`), and whether events of one `data:` line go straight to the data reader.
+        reader, run_quiet, self._text_key, lone = _STREAM_READING.get(request.api, _OTHER_READING)
+        self._on_event: Callable[[SseEvent], None] = getattr(self, reader)
+        self._run_quiet: Callable[[bytes], bool] | None = run_quiet
+        self._on_data: Callable[[str, bool], None] | None = self._chat_data if lone else None
+        self._template: ChunkTemplate | None = None
+        self._head = b""           # held chunks start with this: the template's head (every chunk does b"")
+        self._held: list[bytes] = []
+        self._holding = False      # the next small chunk of whole events may be held
+        self.failure: Exception | None = None
 
     # -- feeding -------------------------------------------------------------------------------------------------
 
+    def __call__(self, chunk: bytes) -> bytes:
+        """The observer as a `flow.response.stream` function: reads `chunk` (see `feed`) and passes it on
+        unchanged. A chunk to hold is held right here, the cheapest path a chunk can take. If reading ever
+        fails, the rest passes on unread and `failure` says why: the answer is never held up by its facts."""
+        try:
+            if self._holding and len(chunk) <= HOLD_CHUNK_BYTES and chunk.endswith(_EVENT_ENDS) \
+                    and chunk.startswith(self._head):
+                held = self._held
+                held.append(chunk)
+                if len(held) >= HOLD_CHUNKS:
+                    self._settle()
+            else:
+                self.feed(chunk)
+        except Exception as e:   # a bug here must not break the agent's stream
+            self.failure = e
+            self._ended, self._holding, self._held = True, False, []
+        return chunk
+
     def feed(self, chunk: bytes) -> None:
-        """One chunk of a streamed answer; `b""` is the end of the body."""
+        """One chunk of a streamed answer; `b""` is the end of the body.
+
+        Once the first token is known, small chunks of whole events are held (references to bytes already
+        passed on, not copies) and looked at HOLD_CHUNKS at a time (`bastion.protocols.quiet`): one test over
+        the run says whether any of them can change the facts, and most runs of a long answer are only
+        content deltas. Only when the run may hold facts are its chunks tested one by one, and those that may
+        are parsed, in their order. Held chunks are settled before any other chunk is parsed, at the end of
+        the body and in `result()`, so the facts are the same as if every chunk had been parsed.
+        """
         if self._ended:
             return
         if chunk:
+            if self._holding and len(chunk) <= HOLD_CHUNK_BYTES and chunk.endswith(_EVENT_ENDS) \
+                    and chunk.startswith(self._head):
+                held = self._held
+                held.append(chunk)
+                if len(held) >= HOLD_CHUNKS:
+                    self._settle()
+                return
+            self._settle()
             if self.first_token_at is not None and self._quiet(chunk):
                 return
-            events = self._parser.feed(chunk)
+            before = self.first_token_at
+            lone = self._parser.lone_data(chunk) if self._on_data is not None else None
+            if lone is not None:
+                assert self._on_data is not None
+                try:
+                    self._on_data(lone, False)
+                except _MALFORMED:
+                    self.malformed_events += 1
+                events = 1
+            else:
+                parsed = self._parser.feed(chunk)
+                self._take_events(parsed)
+                events = len(parsed)
+            if before is None and self.first_token_at is not None and self._run_quiet is not None \
+                    and events == 1 and self._quiet(chunk):
+                self._template = ChunkTemplate.learn(chunk, self._text_key)
+                self._head = self._template.head if self._template is not None else b""
+            # While chunks are held the parser is fed nothing, so it stays idle until they are settled.
+            self._holding = self.first_token_at is not None and self._run_quiet is not None and self._parser.idle
         else:
-            self._ended = True
-            events = self._parser.close()
+            self._settle()
+            self._ended, self._holding = True, False
+            self._take_events(self._parser.close())
+
+    def _take_events(self, events: list[SseEvent]) -> None:
         for event in events:
             try:
                 self._on_event(event)
             except _MALFORMED:
                 self.malformed_events += 1
 
+    def _settle(self) -> None:
+        """Look at the held chunks: nothing to do when the run is quiet as a whole, else each chunk is tested
+        and those that may carry facts are parsed (the parser is idle between them: each is whole events)."""
+        held = self._held
+        if not held:
+            return
+        self._held = []
+        run = held[0] if len(held) == 1 else b"".join(held)
+        template = self._template
+        if template is not None and template.fits_all(held, run):
+            return
+        assert self._run_quiet is not None
+        if self._run_quiet(run):
+            if template is not None:   # quiet chunks of another shape: this stream's deltas vary (padding)
+                self._template, self._head = None, b""
+            return
+        for chunk in held:
+            if (template is not None and template.fits(chunk)) or self._quiet(chunk):
+                continue
+            self._take_events(self._parser.feed(chunk))
+
     def _quiet(self, chunk: bytes) -> bool:
         """Is `chunk` whole events (the parser holds nothing, the chunk ends with a blank line) that cannot change
         the facts: content deltas once the model and the first token are known? Most chunks of a long answer
         are; they are then not parsed at all (a few regex searches in C instead of decoding, splitting and
         dispatching events), which keeps reading an answer cheap beside forwarding it."""
-        if not (chunk.endswith((b"\n\n", b"\r\n\r\n")) and self._parser.idle):
+        if not (chunk.endswith(_EVENT_ENDS) and self._parser.idle):
             return False
         api = self.request.api
         if api in ("chat.completions", "completions"):
@@ -580,7 +680,7 @@ class LlmResponseObserver:
     def _take_body(self, doc: dict[str, Any]) -> None:
         api = self.request.api
         if api in ("chat.completions", "completions"):
-            self._take_chat_doc(doc, streamed=False)
+            self._take_chat_doc(doc)
         elif api == "responses":
             self._take_response(doc, with_calls=True)
         elif api == "messages":
@@ -685,40 +785,66 @@ class LlmResponseObserver:
     # -- OpenAI chat completions and legacy completions ----------------------------------------------------------
 
     def _chat_event(self, event: SseEvent) -> None:
-        data = event.data
+        self._chat_data(event.data, event.event == "error")
+
+    def _chat_data(self, data: str, named_error: bool) -> None:
+        """One chat event's data (`named_error`: the stream named the event `error`)."""
         if len(data) < 16 and data.strip() == "[DONE]":
             self._complete = True
             return
-        if self.first_token_at is not None and event.event != "error" and not _CHAT_FACTS.search(data):
+        if self.first_token_at is not None and not named_error and not _CHAT_FACTS.search(data):
             return   # a content delta: every chunk repeats the model and id, both read from the first ones
         doc = _dict(_loads(data))
         if doc is None:
             self.malformed_events += 1
             return
-        self._take_error(doc)
-        self._take_chat_doc(doc, streamed=True)
+        if doc.get("error") is not None or doc.get("type") == "error":
+            self._take_error(doc)
+        self._take_chat_chunk(doc)
 
-    def _take_chat_doc(self, doc: dict[str, Any], *, streamed: bool) -> None:
+    def _take_chat_doc(self, doc: dict[str, Any]) -> None:
+        """A whole (buffered) chat or completions answer."""
         self._take_identity(doc)
         self._take_openai_usage(doc.get("usage"))
         for position, choice in enumerate(_list(doc.get("choices"))):
             choice = _dict(choice)
             if choice is None:
                 continue
-            choice_index = _index(choice.get("index"), position)
-            if streamed:
-                self._take_chat_delta(choice_index, choice)
-            else:
-                self._take_chat_message(choice_index, _dict(choice.get("message")) or {})
+            self._take_chat_message(_index(choice.get("index"), position), _dict(choice.get("message")) or {})
             self._finish(choice.get("finish_reason"))
 
-    def _take_chat_delta(self, choice_index: int, choice: dict[str, Any]) -> None:
-        delta = _dict(choice.get("delta")) or {}
-        calls = delta.get("tool_calls")
-        legacy = _dict(delta.get("function_call"))
-        if (isinstance(calls, list) and calls) or legacy is not None or _has_text(choice, ("text",)) \
-                or _has_text(delta, _CHAT_TOKEN_FIELDS):
-            self._first_token()
+    def _take_chat_chunk(self, doc: dict[str, Any]) -> None:
+        """One streamed chat or completions chunk. The few chunks of an answer that are parsed (its first
+        ones, tool calls, the finish and the usage) each come here, so the usual case (one choice with a
+        text delta, nulls elsewhere) takes as few calls as it can."""
+        if self.response_model is None or self.response_id is None:
+            self._take_identity(doc)
+        usage = doc.get("usage")
+        if usage is not None:
+            self._take_openai_usage(usage)
+        choices = doc.get("choices")
+        if not isinstance(choices, list):
+            return
+        for position, choice in enumerate(islice(choices, MAX_ITEMS)):
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = {}
+            calls = delta.get("tool_calls")
+            legacy = delta.get("function_call")
+            if self.first_token_at is None and (
+                    (isinstance(calls, list) and calls) or isinstance(legacy, dict) or _has_text(choice, ("text",))
+                    or _has_text(delta, _CHAT_TOKEN_FIELDS)):
+                self._first_token()
+            if calls or legacy:
+                self._take_call_fragments(_index(choice.get("index"), position), calls, _dict(legacy))
+            reason = choice.get("finish_reason")
+            if reason is not None:
+                self._finish(reason)
+
+    def _take_call_fragments(self, choice_index: int, calls: Any, legacy: dict[str, Any] | None) -> None:
+        """Tool call fragments of a streamed chat delta (and the legacy `function_call`)."""
         for position, fragment in enumerate(_list(calls)):
             fragment = _dict(fragment)
             if fragment is None:
@@ -891,6 +1017,8 @@ class LlmResponseObserver:
     def result(self, *, complete: bool | None = None, sent_at: float | None = None) -> dict[str, Any]:
         """The whole `extra["llm"]`: the request's facts merged with the answer's. `complete` overrides whether
         the answer reached its end; `sent_at` (same clock) gives time_to_first_token_s."""
+        if not self._ended:
+            self._settle()   # an answer cut short ends without `feed(b"")`
         request = self.request
         first_token = None
         if self.first_token_at is not None and sent_at is not None:

@@ -59,6 +59,24 @@ class SseParser:
         return (self._started and not self._pending and not self._data and not self._event and not self._pending_cr
                 and not self._skip_event and not self._skip_line)
 
+    @property
+    def last_id(self) -> str | None:
+        return self._last_id
+
+    def lone_data(self, chunk: bytes) -> str | None:
+        """The data of `chunk` if it is exactly one event of one `data:` line (`data: ...` and a blank line,
+        no CR, no other line end) and the parser is idle; None otherwise, and nothing is consumed. The chunk
+        is then taken as `feed` would take it (its event is `message`, with `last_id`), without splitting
+        lines or building an event: the usual chunk of a streamed model answer, read the short way."""
+        end = len(chunk) - 2
+        if not (0 <= end <= self.max_event and chunk.startswith(b"data:") and chunk.find(b"\n") == end
+                and chunk[-1] == 0x0A and chunk.find(b"\r") < 0):
+            return None
+        if self._pending or self._data or self._event or self._pending_cr or self._skip_event or self._skip_line:
+            return None   # not idle (before the first line it may be: a chunk starting `data:` has no BOM)
+        self._started = True
+        return chunk[6 if chunk[5:6] == b" " else 5:end].decode("utf-8", "replace")
+
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """The events completed by this chunk (possibly none)."""
         if not chunk:

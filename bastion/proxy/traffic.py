@@ -33,6 +33,7 @@ from mitmproxy import http
 
 from bastion import metrics
 from bastion.audit.bodies import DecodeError, decode_content
+from bastion.audit.snapshot import header_value
 from bastion.policy.facts import EvalError, RequestFacts
 from bastion.protocols.llm import LlmRequest, LlmResponseObserver, usage_tokens
 from bastion.protocols.mcp import McpProblem, McpRequest, McpResponseObserver
@@ -122,7 +123,8 @@ class Traffic:
         self.methods = BoundedLabel(limit=50)
         self.unanswered_tools = BoundedLabel()
         self.unanswered_methods = BoundedLabel(limit=50)
-        self._tokens: dict[tuple[str, str, str], Any] = {}
+        self._tokens: dict[tuple[str, str, str], Any] = {}   # metric children by labels, looked up once
+        self._ttft: dict[str, Any] = {}
 
     # -- requests -------------------------------------------------------------------------------------------
 
@@ -164,9 +166,10 @@ class Traffic:
         if callable(resp.stream):  # someone else's stream function: leave the body to it
             obs.llm_observer = obs.mcp_observer = None
             return
-        encoding = resp.headers.get("content-encoding", "").strip().lower()
+        encoding = (header_value(resp.headers.fields, b"content-encoding") or "").strip().lower()
         if encoding in ("", "identity"):
-            resp.stream = _observing(feed)
+            # A model's answer reads itself as it passes (the cheapest path per chunk: no wrapper around it).
+            resp.stream = obs.llm_observer if obs.llm_observer is not None else _observing(feed)
         elif encoding in ("gzip", "x-gzip", "deflate"):
             resp.stream = _observing(feed, _Inflate(encoding))
         else:  # br, zstd: the answer passes unread (its facts say so: no usage reported)
@@ -200,6 +203,9 @@ class Traffic:
         agent = meta.get(flowmeta.AGENT) or "unknown"
         try:
             if obs.llm_observer is not None:
+                if obs.llm_observer.failure is not None:
+                    log.error("observing a streamed answer failed; it passed on unread",
+                              exc_info=obs.llm_observer.failure)
                 facts = obs.llm_observer.result(complete=complete, sent_at=flow.request.timestamp_end)
                 traffic["llm"] = facts
                 self._count_llm(agent, facts)
@@ -226,7 +232,10 @@ class Traffic:
             counter.inc(n)
         ttft = facts.get("time_to_first_token_s")
         if ttft is not None:
-            metrics.LLM_TIME_TO_FIRST_TOKEN.labels(model).observe(ttft)
+            histogram = self._ttft.get(model)
+            if histogram is None:
+                histogram = self._ttft[model] = metrics.LLM_TIME_TO_FIRST_TOKEN.labels(model)
+            histogram.observe(ttft)
 
     def _count_mcp(self, agent: str, facts: dict[str, Any]) -> None:
         """Names of calls no server answered (refused ones, say) take their labels from a set of their own, so

@@ -1,0 +1,98 @@
+"""Which chunks of a streamed model answer can pass unread: the tests behind `LlmResponseObserver`'s holding.
+
+A long answer is mostly content deltas, one small event per chunk, and once the model, the answer's id and the
+first token are known none of them can change the facts. Looking at each chunk as it passes would cost a
+Python call and a regex search per chunk, several times what forwarding it costs, so the observer holds such
+chunks (references to bytes already sent on) and looks at a run of them at once, with calls that stay in C
+over the whole run. Two tests, both exact: each says "quiet" only when no chunk of the run could change the
+facts, and anything unusual says "look", after which the chunks are tested one by one.
+
+- `ChunkTemplate`: most servers send every content delta in the same bytes but for the text (vLLM, llama.cpp,
+  Ollama, Anthropic's `text_delta`s). The template is learned from a delta the observer parsed: the fixed
+  bytes before and after the text. A chunk that starts and ends with them, and whose text holds no quote,
+  backslash or control character, is that same event with other words: nothing to read.
+- `chat_run_quiet` / `anthropic_run_quiet`: substring counts for streams whose chunks differ in more than the
+  text (OpenAI pads each chunk with a random `obfuscation` string): a chat run is quiet when every fact key in
+  it has a null value; an Anthropic run when no event type that carries facts appears in it.
+"""
+
+from __future__ import annotations
+
+from itertools import repeat
+
+HOLD_CHUNKS = 32
+"""Chunks held before they are looked at together."""
+HOLD_CHUNK_BYTES = 2048
+"""Only chunks this small are held (a content delta is a few hundred bytes), so at most 64 KiB per answer."""
+
+_SPECIAL = bytes(range(0x20)) + b'"\\'
+"""Bytes that may not occur in a template's text: a quote or backslash could end the JSON string early or
+escape its closing quote, a CR or LF could start another SSE line, other control characters make the JSON
+invalid. Deleted in one pass over the run (`bytes.translate`) to count them."""
+
+# Keys whose non-null value is a fact (OpenAI chat and legacy completions), each with its null forms as the
+# OpenAI SDK's and Python's JSON encoders write them.
+_CHAT_NULLABLE = tuple((key, key + b":null", key + b": null") for key in (
+    b'"usage"', b'"finish_reason"', b'"tool_calls"', b'"function_call"', b'"error"'))
+_CHAT_ALWAYS = (b"[DONE]", b"event:")
+# What every Anthropic event carrying a fact names: message_start/_delta/_stop, content_block_start/_stop, tool
+# input deltas and errors. Text deltas and pings name none of these.
+_ANTHROPIC_MARKERS = (b"message_", b"content_block_st", b"input_json_delta", b"error")
+
+
+class ChunkTemplate:
+    """One content delta's bytes around its text: `head` (up to and including the opening quote of the text)
+    and `tail` (from its closing quote to the end of the chunk)."""
+
+    __slots__ = ("head", "size", "specials", "tail")
+
+    def __init__(self, head: bytes, tail: bytes) -> None:
+        self.head = head
+        self.tail = tail
+        self.size = len(head) + len(tail)
+        self.specials = self.size - len((head + tail).translate(None, _SPECIAL))
+
+    @classmethod
+    def learn(cls, chunk: bytes, key: bytes) -> ChunkTemplate | None:
+        """The template of `chunk`, a whole single event (ending with a blank line, no CR) that carries its text
+        as the one string member named `key`; None when the chunk has another shape."""
+        marker = b'"' + key + b'":"'
+        start = chunk.find(marker)
+        if start < 0 or chunk.find(marker, start + 1) >= 0 or not chunk.endswith(b"\n\n") \
+                or chunk.find(b"\n\n") != len(chunk) - 2 or chunk.find(b"\r") >= 0:
+            return None
+        begin = start + len(marker)
+        end = chunk.find(b'"', begin)
+        if end < 0 or len(chunk[begin:end].translate(None, _SPECIAL)) != end - begin:
+            return None   # a text with an escape: where it ends is not where the next quote is
+        return cls(chunk[:begin], chunk[end:])
+
+    def fits(self, chunk: bytes) -> bool:
+        return self.fits_all([chunk], chunk)
+
+    def fits_all(self, chunks: list[bytes], run: bytes) -> bool:
+        """Does every chunk have this template's shape? `run` is the chunks joined. Each chunk must start
+        with `head`, end with `tail` and be long enough for both apart; then the run holds at least `specials`
+        special bytes per chunk, and exactly that many only if no text holds one."""
+        return (all(map(bytes.startswith, chunks, repeat(self.head)))
+                and all(map(bytes.endswith, chunks, repeat(self.tail)))
+                and min(map(len, chunks)) >= self.size
+                and len(run) - len(run.translate(None, _SPECIAL)) == self.specials * len(chunks))
+
+
+def chat_run_quiet(run: bytes) -> bool:
+    """Held chat chunks in which `llm._CHAT_CHUNK_FACTS` would find nothing: every fact key there is null, no
+    named event, no end of stream."""
+    for marker in _CHAT_ALWAYS:
+        if run.find(marker) >= 0:
+            return False
+    for key, null, spaced_null in _CHAT_NULLABLE:
+        n = run.count(key)
+        if n and n != run.count(null) + run.count(spaced_null):
+            return False
+    return True
+
+
+def anthropic_run_quiet(run: bytes) -> bool:
+    """Held Anthropic chunks in which `llm._ANTHROPIC_CHUNK_FACTS` would find nothing."""
+    return all(run.find(marker) < 0 for marker in _ANTHROPIC_MARKERS)

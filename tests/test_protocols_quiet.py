@@ -1,0 +1,325 @@
+"""Holding quiet chunks of a streamed model answer: the facts must be exactly those of reading every event.
+
+`LlmResponseObserver` holds small chunks once the first token is known and looks at a run of them at once
+(`bastion.protocols.quiet`: a learned chunk template, or substring counts). The property that matters: for any
+stream, cut into chunks any way, the facts equal those of one read of the whole stream (where everything is
+parsed, since nothing is known before it). Streams are generated from the shapes real servers send (uniform
+deltas, OpenAI's random `obfuscation` padding, Python's spaced JSON, tool calls mid-stream, a finish reason on
+a content chunk, usage, errors, Anthropic's named events) and from hostile ones: a delta shaped like the
+template but whose text holds raw line ends that smuggle in `data: [DONE]` or usage.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bastion.protocols.llm import LlmRequest, LlmResponseObserver
+from bastion.protocols.quiet import HOLD_CHUNKS, ChunkTemplate, anthropic_run_quiet, chat_run_quiet
+from bastion.protocols.sse import SseParser
+
+
+class Ticks:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def request_of(api: str) -> LlmRequest:
+    provider = "anthropic" if api == "messages" else "openai"
+    return LlmRequest(provider=provider, api=api, operation="chat", model="m", stream=True, tools=())
+
+
+def by_call(api: str, chunks: list[bytes]) -> LlmResponseObserver:
+    """The observer as the proxy runs it: called with every chunk, then with b"" at the end."""
+    observer = LlmResponseObserver(request_of(api), streamed=True, clock=Ticks())
+    for chunk in [*chunks, b""]:
+        assert observer(chunk) is chunk
+    assert observer.failure is None
+    return observer
+
+
+def read_whole(api: str, chunks: list[bytes]) -> dict[str, Any]:
+    """The reference: the whole stream in one chunk, so every event is parsed."""
+    observer = LlmResponseObserver(request_of(api), streamed=True, clock=Ticks())
+    observer.feed(b"".join(chunks))
+    observer.feed(b"")
+    return facts_of(observer)
+
+
+def facts_of(observer: LlmResponseObserver) -> dict[str, Any]:
+    facts = observer.result()
+    del facts["time_to_first_token_s"]
+    return facts
+
+
+# -- stream shapes -------------------------------------------------------------------------------------------
+
+def chat_doc(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 1, "model": "served-model",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+
+
+def encode(doc: Any, style: str) -> bytes:
+    text = json.dumps(doc) if style == "spaced" else json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+TEXTS = st.one_of(
+    st.sampled_from(["word ", " the", "", "\u00e9t\u00e9 \u2603", 'say "hi"', "back\\slash", "line\nbreak", "tab\t"]),
+    st.text(max_size=12),
+)
+
+
+@st.composite
+def chat_streams(draw: st.DrawFn) -> list[bytes]:
+    """One event per chunk, as servers send them."""
+    style = draw(st.sampled_from(["compact", "spaced"]))
+    padded = draw(st.booleans())  # OpenAI's obfuscation: every chunk differs in more than its text
+    with_usage_null = draw(st.booleans())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        if padded:
+            extra["obfuscation"] = draw(st.text(alphabet="abcdefXYZ0123", min_size=1, max_size=8))
+        if with_usage_null and "usage" not in extra:
+            extra["usage"] = None
+        return encode(chat_doc(delta, finish, **extra), style)
+
+    chunks = [chunk({"role": "assistant", "content": ""})]
+    for _ in range(draw(st.integers(0, 3 * HOLD_CHUNKS))):
+        kind = draw(st.sampled_from(["text"] * 8 + ["tool", "finish_on_text", "hostile", "reasoning", "error"]))
+        if kind == "text":
+            chunks.append(chunk({"content": draw(TEXTS)}))
+        elif kind == "reasoning":
+            chunks.append(chunk({"reasoning_content": draw(TEXTS)}))
+        elif kind == "tool":
+            chunks.append(chunk({"tool_calls": [{"index": draw(st.integers(0, 2)), "id": "call_x",
+                                                 "function": {"name": "lookup", "arguments": draw(TEXTS)}}]}))
+        elif kind == "finish_on_text":
+            chunks.append(chunk({"content": draw(TEXTS)}, "length"))
+        elif kind == "error":
+            chunks.append(encode({"error": {"type": "server_error", "message": draw(TEXTS)}}, style))
+        else:  # template-shaped bytes whose "text" ends the line and smuggles in an event of its own
+            smuggled = draw(st.sampled_from([
+                b"data: [DONE]", b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}',
+                b"event: error\ndata: {}", b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}']))
+            head, _, tail = chunk({"content": "\x00"}).partition(b"\\u0000")
+            chunks.append(head + b"x\n\n" + smuggled + b"\n\n" + tail)
+    if draw(st.booleans()):
+        chunks.append(chunk({}, "stop"))
+    if draw(st.booleans()):
+        chunks.append(encode(chat_doc({}, None, usage={"prompt_tokens": 11, "completion_tokens": 5}) | {
+            "choices": []}, style))
+    if draw(st.booleans()):
+        chunks.append(b"data: [DONE]\n\n")
+    return chunks
+
+
+def named(name: str, doc: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(doc, separators=(',', ':'))}\n\n".encode()
+
+
+@st.composite
+def anthropic_streams(draw: st.DrawFn) -> list[bytes]:
+    chunks = [named("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "model": "claude-x", "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+        named("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}})]
+    for _ in range(draw(st.integers(0, 3 * HOLD_CHUNKS))):
+        kind = draw(st.sampled_from(["text"] * 8 + ["ping", "tool", "hostile"]))
+        if kind == "text":
+            chunks.append(named("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                        "delta": {"type": "text_delta", "text": draw(TEXTS)}}))
+        elif kind == "ping":
+            chunks.append(named("ping", {"type": "ping"}))
+        elif kind == "tool":
+            chunks.append(named("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {
+                "type": "input_json_delta", "partial_json": draw(TEXTS)}}))
+        else:
+            head, _, tail = named("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                "type": "text_delta", "text": "\x00"}}).partition(b"\\u0000")
+            chunks.append(head + b"x\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":"
+                          b"{\"stop_reason\":\"max_tokens\"},\"usage\":{\"output_tokens\":2}}\n\n" + tail)
+    chunks += [named("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               named("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                       "usage": {"output_tokens": 40}})]
+    if draw(st.booleans()):
+        chunks.append(named("message_stop", {"type": "message_stop"}))
+    return chunks
+
+
+def regrouped(chunks: list[bytes], cuts: list[int]) -> list[bytes]:
+    """The same bytes cut elsewhere (inside events too)."""
+    stream = b"".join(chunks)
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    return [stream[a:b] for a, b in pairwise(points) if b > a]
+
+
+# -- the property --------------------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=chat_streams())
+def test_chat_facts_are_those_of_reading_every_event(chunks: list[bytes]) -> None:
+    assert facts_of(by_call("chat.completions", chunks)) == read_whole("chat.completions", chunks)
+
+
+@settings(max_examples=150, deadline=None)
+@given(chunks=anthropic_streams())
+def test_anthropic_facts_are_those_of_reading_every_event(chunks: list[bytes]) -> None:
+    assert facts_of(by_call("messages", chunks)) == read_whole("messages", chunks)
+
+
+@settings(max_examples=150, deadline=None)
+@given(chunks=chat_streams(), cuts=st.lists(st.integers(0, 20_000), max_size=12))
+def test_chat_facts_do_not_depend_on_where_the_stream_was_cut(chunks: list[bytes], cuts: list[int]) -> None:
+    assert facts_of(by_call("chat.completions", regrouped(chunks, cuts))) == read_whole("chat.completions", chunks)
+
+
+def test_an_answer_cut_short_still_counts_what_was_held() -> None:
+    """No `feed(b"")` when the agent went away: `result()` settles what is held."""
+    chunks = [encode(chat_doc({"content": f"w{i}"}), "compact") for i in range(5)]
+    chunks.append(encode(chat_doc({"content": "x"}, "length"), "compact"))
+    observer = LlmResponseObserver(request_of("chat.completions"), streamed=True)
+    for chunk in chunks:
+        observer(chunk)
+    assert observer.result(complete=False)["finish_reasons"] == ["length"]
+
+
+# -- what is skipped is really skipped -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("padded", [False, True], ids=["uniform", "obfuscation-padded"])
+def test_content_deltas_are_held_and_never_parsed(padded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        if padded:
+            extra["obfuscation"] = "pad" * (len(delta.get("content", "")) % 4)
+        return encode(chat_doc(delta, finish, usage=None, **extra), "compact")
+
+    chunks = [chunk({"role": "assistant", "content": ""})]
+    chunks += [chunk({"content": f"w{i} "}) for i in range(400)]
+    chunks += [chunk({}, "stop"), encode({"id": "c", "choices": [], "usage": {"prompt_tokens": 5,
+                                                                             "completion_tokens": 400}}, "compact"),
+               b"data: [DONE]\n\n"]
+    loads = 0
+    real_loads = json.loads
+
+    def counting(text: str | bytes, **kwargs: Any) -> Any:
+        nonlocal loads
+        loads += 1
+        return real_loads(text, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counting)
+    observer = by_call("chat.completions", chunks)
+    assert loads <= 5   # the role, the first token, the finish and the usage
+    assert (observer._template is not None) is not padded
+    facts = facts_of(observer)
+    assert facts["usage"] == {"input_tokens": 5, "output_tokens": 400} and facts["finish_reasons"] == ["stop"]
+    assert facts["complete"] is True
+
+
+# -- the tests' building blocks ------------------------------------------------------------------------------
+
+DELTA = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}\n\n'
+
+
+def test_a_template_is_learned_only_from_a_plain_single_event() -> None:
+    template = ChunkTemplate.learn(DELTA, b"content")
+    assert template is not None and template.head.endswith(b'"content":"') and template.tail.startswith(b'"}')
+    assert ChunkTemplate.learn(DELTA + DELTA, b"content") is None                     # two events
+    assert ChunkTemplate.learn(DELTA.replace(b"\n\n", b"\r\n\r\n"), b"content") is None
+    assert ChunkTemplate.learn(DELTA.replace(b"hello", b'he\\"llo'), b"content") is None   # an escape
+    assert ChunkTemplate.learn(DELTA.replace(b"hello", b"hel\tlo"), b"content") is None
+    assert ChunkTemplate.learn(DELTA, b"text") is None
+    assert ChunkTemplate.learn(DELTA.replace(b'"id":"c"', b'"content":"c"'), b"content") is None  # twice
+
+
+@pytest.mark.parametrize(("text", "fits"), [
+    (b"other words", True), (b"", True), (b"\xc3\xa9t\xc3\xa9", True),
+    (b'a"b', False), (b"a\\u0022", False), (b"a\nb", False), (b"a\rb", False), (b"a\x00", False),
+])
+def test_a_chunk_fits_only_if_its_text_cannot_end_the_string_or_the_line(text: bytes, fits: bool) -> None:
+    template = ChunkTemplate.learn(DELTA, b"content")
+    assert template is not None
+    chunk = DELTA.replace(b"hello", text)
+    assert template.fits(chunk) is fits
+    run = [DELTA] * 5 + [chunk] + [DELTA] * 5
+    assert template.fits_all(run, b"".join(run)) is fits
+
+
+def test_head_and_tail_may_not_overlap() -> None:
+    """A chunk may start with the head and end with the tail by sharing their quote: one special byte short,
+    which a quote in another chunk's text would make up for in the run's count."""
+    template = ChunkTemplate.learn(DELTA, b"content")
+    assert template is not None
+    overlapped = template.head + template.tail[1:]
+    assert overlapped.startswith(template.head) and overlapped.endswith(template.tail)
+    assert not template.fits(overlapped)
+    run = [overlapped, DELTA.replace(b"hello", b'he"llo')]
+    assert not template.fits_all(run, b"".join(run))
+
+
+@pytest.mark.parametrize(("run", "quiet"), [
+    (DELTA * 3, True),
+    (DELTA.replace(b":null", b": null") * 2, True),
+    (DELTA + DELTA.replace(b'"finish_reason":null', b'"finish_reason":"stop"'), False),
+    (DELTA.replace(b'"finish_reason":null', b'"finish_reason" : null'), False),   # unusual: look closer
+    (DELTA + b'data: {"choices":[],"usage":{"prompt_tokens":1}}\n\n', False),
+    (DELTA + b"data: [DONE]\n\n", False),
+    (DELTA.replace(b'"content":"hello"', b'"tool_calls":[{"index":0}]'), False),
+    (b"event: error\n" + DELTA, False),
+])
+def test_chat_run_quiet(run: bytes, quiet: bool) -> None:
+    assert chat_run_quiet(run) is quiet
+
+
+def test_anthropic_run_quiet() -> None:
+    delta = named("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": "hi"}})
+    assert anthropic_run_quiet(delta * 3 + named("ping", {"type": "ping"}))
+    assert not anthropic_run_quiet(delta + named("message_delta", {"type": "message_delta"}))
+    assert not anthropic_run_quiet(delta + named("content_block_stop", {"type": "content_block_stop"}))
+
+
+@pytest.mark.parametrize("chunk", [
+    b"data: x\n\n", b"data:x\n\n", b"data:  two spaces\n\n", b"data: \xff\xfe bad utf-8\n\n", b"data:\n\n",
+    b"data: x\r\n\r\n", b"event: a\ndata: x\n\n", b"data: a\n\ndata: b\n\n", b": comment\n\n", b"data: x\n",
+    b"\xef\xbb\xbfdata: bom\n\n", b"id: 7\ndata: x\n\n", b"data: " + b"y" * 200 + b"\n\n",
+])
+def test_lone_data_is_what_feed_would_give(chunk: bytes) -> None:
+    short, full = SseParser(max_event=100), SseParser(max_event=100)
+    data = short.lone_data(chunk)
+    events = full.feed(chunk)
+    if data is None:
+        return   # not the short way's to take: the chunk goes to `feed`
+    assert [(e.event, e.data, e.id) for e in events] == [("message", data, None)]
+    assert short.idle and full.idle
+
+
+def test_lone_data_needs_an_idle_parser() -> None:
+    parser = SseParser()
+    parser.feed(b"data: unfinished")
+    assert parser.lone_data(b"data: x\n\n") is None
+
+
+def test_a_failing_observer_passes_the_rest_on_unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    observer = LlmResponseObserver(request_of("chat.completions"), streamed=True)
+    first = encode(chat_doc({"role": "assistant", "content": "hi"}), "compact")
+    assert observer(first) is first
+
+    def broken(doc: dict[str, Any]) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(observer, "_take_chat_chunk", broken)
+    finish = encode(chat_doc({}, "stop"), "compact")
+    assert observer(finish) is finish and isinstance(observer.failure, RuntimeError)
+    later = b"data: [DONE]\n\n"
+    assert observer(later) is later and observer(b"") == b""
+    facts = observer.result()
+    assert facts["response_model"] == "served-model" and facts["finish_reasons"] == []
