@@ -422,3 +422,24 @@ def test_a_shared_redactor_remembers_nothing() -> None:
     red = r()
     red.headers([("x-api-key", "k" * 20)], "/request/headers", [])
     assert red.echoes() is None  # only an exchange() copy collects values
+
+
+def test_echoes_in_extra_are_masked_and_an_extra_without_any_is_kept_as_is() -> None:
+    """The echo pass searches an `extra`'s strings, keys and numbers at once and walks it only on a hit."""
+    token = "tok-" + secrets.token_hex(12)
+    pin = 482915736021
+    ex = Redactor().exchange()
+    ex.headers([("Authorization", f"Bearer {token}"), ("X-Api-Key", str(pin))], "/request/headers", [])
+    echoes = ex.echoes()
+    assert echoes is not None
+    clean = {"llm": {"model": "m", "usage": {"input_tokens": 5}, "time_to_first_token_s": 0.25,
+                     "tool_calls": [{"name": "lookup", "arguments": "{}"}]}}
+    found: list[str] = []
+    assert echoes.value(clean, "/extra", found) is clean and found == []
+    dirty = {"llm": {"tool_calls": [{"name": "lookup", "arguments": json.dumps({"auth": token})}],
+                     "usage": {"input_tokens": pin}}, "mcp": {f"seen {token}": True}}
+    out = echoes.value(dirty, "/extra", found)
+    assert token not in json.dumps(out) and str(pin) not in json.dumps(out)
+    assert out["llm"]["tool_calls"][0]["name"] == "lookup"
+    assert "/extra/llm/tool_calls/0/arguments" in found and "/extra/llm/usage/input_tokens" in found
+    assert any(p.startswith("/extra/mcp/seen [REDACTED") for p in found)

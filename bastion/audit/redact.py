@@ -47,6 +47,7 @@ import hashlib
 import hmac
 import html
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -638,11 +639,19 @@ class Echoes:
         return [(name, self.text(value, path + pointer(name.lower()), found)) for name, value in headers]
 
     def value(self, node: Any, path: str, found: list[str]) -> Any:
-        """A parsed JSON value with echoes masked in strings, object keys and numbers. Returns a new value."""
+        """A parsed JSON value with echoes masked in strings, object keys and numbers. Returns a new value, or
+        `node` itself when it holds no echo: its strings, keys and numbers are searched together first (as for
+        JSON bodies), which costs far less than the walk a record's `extra` would otherwise take every time."""
+        if isinstance(node, (dict, list)):
+            hit = {secret for _, _, secret in self._spans("\x00".join(_json_strings(node)))}
+            return self._only(hit)._value(node, path, found) if hit else node
+        return self._value(node, path, found)
+
+    def _value(self, node: Any, path: str, found: list[str]) -> Any:
         if isinstance(node, str):
             return self.text(node, path, found)
         if isinstance(node, list):
-            return [self.value(v, f"{path}/{i}", found) for i, v in enumerate(node)]
+            return [self._value(v, f"{path}/{i}", found) for i, v in enumerate(node)]
         if isinstance(node, dict):
             out: dict[str, Any] = {}
             for k, v in node.items():
@@ -651,7 +660,7 @@ class Echoes:
                     while key in out or key in node:  # keep both when two keys mask alike
                         key += "~"
                     found.append(path + pointer(key))
-                out[key] = self.value(v, path + pointer(key), found)
+                out[key] = self._value(v, path + pointer(key), found)
             return out
         if isinstance(node, (int, float)) and not isinstance(node, bool):
             text = json.dumps(node)
@@ -697,7 +706,7 @@ class Echoes:
         out = data
         if hit:
             try:
-                new = self._only(hit).value(doc, path, found)
+                new = self._only(hit)._value(doc, path, found)
             except RecursionError:
                 del found[before:]
                 return None
@@ -737,5 +746,14 @@ def _json_strings(doc: Any) -> list[str]:
         elif isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            out.append(json.dumps(node))
+            out.append(_number_text(node))
     return out
+
+
+def _number_text(number: int | float) -> str:
+    """`json.dumps(number)`, without the encoder's per-call cost (this runs for every number of a record)."""
+    if isinstance(number, int):
+        return int.__repr__(number)
+    if math.isfinite(number):
+        return float.__repr__(number)
+    return "NaN" if math.isnan(number) else "Infinity" if number > 0 else "-Infinity"
