@@ -17,7 +17,10 @@ shared machine hits them alike; each pair gives one on/off ratio, and the median
 1. Throughput and latency: a closed-loop load generator in its own process (`proxy_bench.role_load`: aiohttp,
    `--conns` keep-alive connections, absolute-URI requests with Proxy-Authorization Basic, plain HTTP) POSTs a
    chat completion like the openai SDK does (`stream: true`, `stream_options.include_usage`) and reads each
-   whole answer: `--words` content events (50, and 400 to show the per-event cost). Per cell: req/s, p50, p99,
+   whole answer: `--words` content events (50, and 400 to show the per-event cost). The content chunks are
+   alike but for their text (as vLLM, llama.cpp or Ollama send them), or with `--padded` as api.openai.com
+   sends them now (`"usage":null` and a random `obfuscation` string in each): the observer's run tests differ
+   for the two (see `bastion/protocols/quiet.py`), so both are worth a run. Per cell: req/s, p50, p99,
    and the proxy's CPU per request (its process tree: proxy and audit worker, counted once the audit backlog
    has drained). Direct (no proxy) is measured alongside as a reference.
 2. Time to first byte: one keep-alive connection, requests one after another, from sending the request to the
@@ -423,6 +426,9 @@ def main() -> None:
     ap.add_argument("--ttfb-samples", type=int, default=200, help="first-byte samples per arm (default 200)")
     ap.add_argument("--ttfb-gap", type=float, default=0.01, help="upstream seconds between events (default 0.01)")
     ap.add_argument("--ttfb-words", type=int, default=5, help="content events per first-byte answer (default 5)")
+    ap.add_argument("--padded", action="store_true",
+                    help="chunks as api.openai.com sends them now: `\"usage\":null` and a random-length "
+                         "`obfuscation` string in each, so no two content chunks share their bytes but the text")
     args = ap.parse_args()
     words_list = [int(w) for w in args.words.split(",")]
 
@@ -433,18 +439,20 @@ def main() -> None:
         procs.append(up)
         port = json.loads(pb.wait_for(r"\[\d+\]", tmp / "upstream.log", up).group(0))[0]
         base = f"http://127.0.0.1:{port}{CHAT_PATH}"
+        query = "&padded=1" if args.padded else ""
         rules = tmp / "rules.yaml"
         rules.write_text(rules_yaml())
         servers = {"direct": Server("", None, None)}
         for facts in ("off", "on"):
             servers[facts] = start_bastion(tmp, rules, facts, procs)
         for words in words_list:
-            check_stream(f"{base}?words={words}", words, servers)
+            check_stream(f"{base}?words={words}{query}", words, servers)
 
         print(f"Machine: {pb.machine()}")
         print(f"Throughput: {args.conns} keep-alive connections, closed loop, {args.warmup:g} s warm-up + "
               f"{args.seconds:g} s measured per cell; {args.pairs} pairs, arm order flipped each pair, medians "
-              f"shown. Request {len(REQUEST_BODY)} B of JSON; answers streamed (SSE), read whole.\n")
+              f"shown. Request {len(REQUEST_BODY)} B of JSON; answers streamed (SSE), read whole; chunks "
+              f"{'padded as api.openai.com sends them (usage null, obfuscation)' if args.padded else 'uniform'}.\n")
         cells: list[Cell] = []
         ttfbs: list[Ttfb] = []
         per_pair = math.ceil(args.ttfb_samples / args.pairs)
@@ -452,7 +460,7 @@ def main() -> None:
         for pair in range(args.pairs):
             for words in words_list:
                 for arm in arm_order(pair, ARMS):
-                    cells.append(run_cell(pair, words, arm, f"{base}?words={words}", servers[arm], args))
+                    cells.append(run_cell(pair, words, arm, f"{base}?words={words}{query}", servers[arm], args))
             for arm in arm_order(pair, ("direct", "on")):
                 ttfbs.append(run_ttfb(pair, arm, ttfb_url, servers[arm], per_pair))
         print(throughput_report(cells, words_list))

@@ -195,12 +195,19 @@ def test_an_answer_cut_short_still_counts_what_was_held() -> None:
 
 # -- what is skipped is really skipped -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("padded", [False, True], ids=["uniform", "obfuscation-padded"])
-def test_content_deltas_are_held_and_never_parsed(padded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("shape", ["uniform", "padded", "numbered"])
+def test_content_deltas_are_held_and_never_parsed(shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uniform deltas and OpenAI's padded ones fit a template; deltas that differ in another way (a number
+    that counts up) are found quiet by the substring counts, and the useless template is dropped."""
+    counter = iter(range(10_000))
+
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        if padded:
+        if shape == "padded":
             extra["obfuscation"] = "pad" * (len(delta.get("content", "")) % 4)
-        return encode(chat_doc(delta, finish, usage=None, **extra), "compact")
+        doc = chat_doc(delta, finish, usage=None, **extra)
+        if shape == "numbered":
+            doc["created"] = next(counter)
+        return encode(doc, "compact")
 
     chunks = [chunk({"role": "assistant", "content": ""})]
     chunks += [chunk({"content": f"w{i} "}) for i in range(400)]
@@ -218,7 +225,7 @@ def test_content_deltas_are_held_and_never_parsed(padded: bool, monkeypatch: pyt
     monkeypatch.setattr(json, "loads", counting)
     observer = by_call("chat.completions", chunks)
     assert loads <= 5   # the role, the first token, the finish and the usage
-    assert (observer._template is not None) is not padded
+    assert (observer._template is not None) is (shape != "numbered")
     facts = facts_of(observer)
     assert facts["usage"] == {"input_tokens": 5, "output_tokens": 400} and facts["finish_reasons"] == ["stop"]
     assert facts["complete"] is True
@@ -227,17 +234,18 @@ def test_content_deltas_are_held_and_never_parsed(padded: bool, monkeypatch: pyt
 # -- the tests' building blocks ------------------------------------------------------------------------------
 
 DELTA = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}\n\n'
+KEYS = (b"content", b"obfuscation")
 
 
 def test_a_template_is_learned_only_from_a_plain_single_event() -> None:
-    template = ChunkTemplate.learn(DELTA, b"content")
+    template = ChunkTemplate.learn(DELTA, KEYS)
     assert template is not None and template.head.endswith(b'"content":"') and template.tail.startswith(b'"}')
-    assert ChunkTemplate.learn(DELTA + DELTA, b"content") is None                     # two events
-    assert ChunkTemplate.learn(DELTA.replace(b"\n\n", b"\r\n\r\n"), b"content") is None
-    assert ChunkTemplate.learn(DELTA.replace(b"hello", b'he\\"llo'), b"content") is None   # an escape
-    assert ChunkTemplate.learn(DELTA.replace(b"hello", b"hel\tlo"), b"content") is None
-    assert ChunkTemplate.learn(DELTA, b"text") is None
-    assert ChunkTemplate.learn(DELTA.replace(b'"id":"c"', b'"content":"c"'), b"content") is None  # twice
+    assert ChunkTemplate.learn(DELTA + DELTA, KEYS) is None                     # two events
+    assert ChunkTemplate.learn(DELTA.replace(b"\n\n", b"\r\n\r\n"), KEYS) is None
+    assert ChunkTemplate.learn(DELTA.replace(b"hello", b'he\\"llo'), KEYS) is None   # an escape
+    assert ChunkTemplate.learn(DELTA.replace(b"hello", b"hel\tlo"), KEYS) is None
+    assert ChunkTemplate.learn(DELTA, (b"text",)) is None
+    assert ChunkTemplate.learn(DELTA.replace(b'"id":"c"', b'"content":"c"'), KEYS) is None  # twice
 
 
 @pytest.mark.parametrize(("text", "fits"), [
@@ -245,7 +253,7 @@ def test_a_template_is_learned_only_from_a_plain_single_event() -> None:
     (b'a"b', False), (b"a\\u0022", False), (b"a\nb", False), (b"a\rb", False), (b"a\x00", False),
 ])
 def test_a_chunk_fits_only_if_its_text_cannot_end_the_string_or_the_line(text: bytes, fits: bool) -> None:
-    template = ChunkTemplate.learn(DELTA, b"content")
+    template = ChunkTemplate.learn(DELTA, KEYS)
     assert template is not None
     chunk = DELTA.replace(b"hello", text)
     assert template.fits(chunk) is fits
@@ -253,10 +261,29 @@ def test_a_chunk_fits_only_if_its_text_cannot_end_the_string_or_the_line(text: b
     assert template.fits_all(run, b"".join(run)) is fits
 
 
+PADDED = DELTA.replace(b"}]}", b'}],"usage":null,"obfuscation":"Zx81"}')
+
+
+@pytest.mark.parametrize(("text", "pad", "fits"), [
+    (b"other words", b"q", True), (b"", b"longer-padding", True),
+    (b"a", b'Zx"81', False), (b"a", b"Zx\\81", False), (b"a", b"Zx\n81", False),
+    # a text that ends itself and forges the rest of the event: the real middle follows, so quotes are left over
+    (b'a"},"finish_reason":"stop"}],"usage":null,"obfuscation":"x', b"q", False),
+])
+def test_a_padded_template_lets_the_text_and_the_padding_vary(text: bytes, pad: bytes, fits: bool) -> None:
+    template = ChunkTemplate.learn(PADDED, KEYS)
+    assert template is not None and len(template.middles) == 1
+    chunk = PADDED.replace(b"hello", text).replace(b"Zx81", pad)
+    assert template.fits(chunk) is fits
+    run = [PADDED, chunk, PADDED]
+    assert template.fits_all(run, b"".join(run)) is fits
+    assert not template.fits(DELTA)   # no padding at all: another shape
+
+
 def test_head_and_tail_may_not_overlap() -> None:
     """A chunk may start with the head and end with the tail by sharing their quote: one special byte short,
     which a quote in another chunk's text would make up for in the run's count."""
-    template = ChunkTemplate.learn(DELTA, b"content")
+    template = ChunkTemplate.learn(DELTA, KEYS)
     assert template is not None
     overlapped = template.head + template.tail[1:]
     assert overlapped.startswith(template.head) and overlapped.endswith(template.tail)
@@ -323,3 +350,26 @@ def test_a_failing_observer_passes_the_rest_on_unread(monkeypatch: pytest.Monkey
     assert observer(later) is later and observer(b"") == b""
     facts = observer.result()
     assert facts["response_model"] == "served-model" and facts["finish_reasons"] == []
+
+
+def test_a_ping_now_and_then_does_not_cost_the_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    chunks = [named("message_start", {"type": "message_start", "message": {"id": "m", "model": "claude-x"}})]
+    for i in range(300):
+        chunks.append(named("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                    "delta": {"type": "text_delta", "text": f"w{i} "}}))
+        if i % 10 == 9:
+            chunks.append(named("ping", {"type": "ping"}))
+    chunks.append(named("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                          "usage": {"output_tokens": 300}}))
+    parsed = 0
+    real_feed = SseParser.feed
+
+    def counting(self: SseParser, chunk: bytes) -> Any:
+        nonlocal parsed
+        parsed += 1
+        return real_feed(self, chunk)
+
+    monkeypatch.setattr(SseParser, "feed", counting)
+    observer = by_call("messages", chunks)
+    assert observer._template is not None and parsed <= 5
+    assert facts_of(observer) == read_whole("messages", chunks)

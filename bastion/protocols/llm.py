@@ -503,13 +503,14 @@ class _ToolCall:
         return call
 
 
-_STREAM_READING: dict[str, tuple[str, Callable[[bytes], bool] | None, bytes, bool]] = {
-    "chat.completions": ("_chat_event", chat_run_quiet, b"content", True),
-    "completions": ("_chat_event", chat_run_quiet, b"text", True),
-    "messages": ("_anthropic_event", anthropic_run_quiet, b"text", False),
-    "responses": ("_responses_event", None, b"", False),
+_Reading = tuple[str, Callable[[bytes], bool] | None, tuple[bytes, ...], bool]
+_STREAM_READING: dict[str, _Reading] = {   # see `LlmResponseObserver.__init__`
+    "chat.completions": ("_chat_event", chat_run_quiet, (b"content", b"obfuscation"), True),
+    "completions": ("_chat_event", chat_run_quiet, (b"text", b"obfuscation"), True),
+    "messages": ("_anthropic_event", anthropic_run_quiet, (b"text",), False),
+    "responses": ("_responses_event", None, (), False),
 }
-_OTHER_READING: tuple[str, Callable[[bytes], bool] | None, bytes, bool] = ("_other_event", None, b"", False)
+_OTHER_READING: _Reading = ("_other_event", None, (), False)
 
 
 class LlmResponseObserver:
@@ -536,14 +537,16 @@ class LlmResponseObserver:
         self._usage: dict[str, int] = {}
         self._usage_reported = False
         self._error: dict[str, str] | None = None
-        # Per API: the event reader, the test for a run of held chunks and the member a template is learned
-        # on (see `feed`), and whether events of one `data:` line go straight to the data reader.
-        reader, run_quiet, self._text_key, lone = _STREAM_READING.get(request.api, _OTHER_READING)
+        # Per API: the event reader, the test for a run of held chunks and the members that vary between
+        # content deltas, for a template (see `feed`), and whether events of one `data:` line go straight to
+        # the data reader.
+        reader, run_quiet, self._varying, lone = _STREAM_READING.get(request.api, _OTHER_READING)
         self._on_event: Callable[[SseEvent], None] = getattr(self, reader)
         self._run_quiet: Callable[[bytes], bool] | None = run_quiet
         self._on_data: Callable[[str, bool], None] | None = self._chat_data if lone else None
         self._template: ChunkTemplate | None = None
         self._head = b""           # held chunks start with this: the template's head (every chunk does b"")
+        self._misses = 0           # quiet chunks in a row that did not start with it
         self._held: list[bytes] = []
         self._holding = False      # the next small chunk of whole events may be held
         self.failure: Exception | None = None
@@ -581,8 +584,8 @@ class LlmResponseObserver:
         if self._ended:
             return
         if chunk:
-            if self._holding and len(chunk) <= HOLD_CHUNK_BYTES and chunk.endswith(_EVENT_ENDS) \
-                    and chunk.startswith(self._head):
+            holdable = self._holding and len(chunk) <= HOLD_CHUNK_BYTES and chunk.endswith(_EVENT_ENDS)
+            if holdable and chunk.startswith(self._head):
                 held = self._held
                 held.append(chunk)
                 if len(held) >= HOLD_CHUNKS:
@@ -590,6 +593,10 @@ class LlmResponseObserver:
                 return
             self._settle()
             if self.first_token_at is not None and self._quiet(chunk):
+                if holdable:   # quiet, but not the template's shape: a ping, or deltas that vary in more ways
+                    self._misses += 1
+                    if self._misses >= 2:   # in a row: the template does not describe this stream
+                        self._template, self._head = None, b""
                 return
             before = self.first_token_at
             lone = self._parser.lone_data(chunk) if self._on_data is not None else None
@@ -606,7 +613,7 @@ class LlmResponseObserver:
                 events = len(parsed)
             if before is None and self.first_token_at is not None and self._run_quiet is not None \
                     and events == 1 and self._quiet(chunk):
-                self._template = ChunkTemplate.learn(chunk, self._text_key)
+                self._template = ChunkTemplate.learn(chunk, self._varying)
                 self._head = self._template.head if self._template is not None else b""
             # While chunks are held the parser is fed nothing, so it stays idle until they are settled.
             self._holding = self.first_token_at is not None and self._run_quiet is not None and self._parser.idle
@@ -628,7 +635,7 @@ class LlmResponseObserver:
         held = self._held
         if not held:
             return
-        self._held = []
+        self._held, self._misses = [], 0
         run = held[0] if len(held) == 1 else b"".join(held)
         template = self._template
         if template is not None and template.fits_all(held, run):

@@ -7,18 +7,21 @@ chunks (references to bytes already sent on) and looks at a run of them at once,
 over the whole run. Two tests, both exact: each says "quiet" only when no chunk of the run could change the
 facts, and anything unusual says "look", after which the chunks are tested one by one.
 
-- `ChunkTemplate`: most servers send every content delta in the same bytes but for the text (vLLM, llama.cpp,
-  Ollama, Anthropic's `text_delta`s). The template is learned from a delta the observer parsed: the fixed
-  bytes before and after the text. A chunk that starts and ends with them, and whose text holds no quote,
-  backslash or control character, is that same event with other words: nothing to read.
-- `chat_run_quiet` / `anthropic_run_quiet`: substring counts for streams whose chunks differ in more than the
-  text (OpenAI pads each chunk with a random `obfuscation` string): a chat run is quiet when every fact key in
-  it has a null value; an Anthropic run when no event type that carries facts appears in it.
+- `ChunkTemplate`: servers send every content delta in the same bytes but for the text (vLLM, llama.cpp,
+  Ollama, Anthropic's `text_delta`s) and, for api.openai.com, a random `obfuscation` string. The template is
+  learned from a delta the observer parsed: the fixed bytes around those strings. A chunk made of the same
+  fixed bytes, whose strings hold no quote, backslash or control character, is that same event with other
+  words: nothing to read.
+- `chat_run_quiet` / `anthropic_run_quiet`: substring counts for streams whose deltas differ in other ways:
+  a chat run is quiet when every fact key in it has a null value; an Anthropic run when no event type that
+  carries facts appears in it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import repeat
+from operator import add, sub
 
 HOLD_CHUNKS = 32
 """Chunks held before they are looked at together."""
@@ -41,42 +44,66 @@ _ANTHROPIC_MARKERS = (b"message_", b"content_block_st", b"input_json_delta", b"e
 
 
 class ChunkTemplate:
-    """One content delta's bytes around its text: `head` (up to and including the opening quote of the text)
-    and `tail` (from its closing quote to the end of the chunk)."""
+    """One content delta's bytes around the strings that vary from delta to delta (the text, and padding where
+    the server adds some): `head` (up to and including the opening quote of the first), `middles` (from the
+    closing quote of one to the opening quote of the next) and `tail` (from the last closing quote on)."""
 
-    __slots__ = ("head", "size", "specials", "tail")
+    __slots__ = ("head", "middles", "size", "specials", "tail")
 
-    def __init__(self, head: bytes, tail: bytes) -> None:
-        self.head = head
-        self.tail = tail
-        self.size = len(head) + len(tail)
-        self.specials = self.size - len((head + tail).translate(None, _SPECIAL))
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.head, *self.middles, self.tail = pieces
+        self.size = sum(map(len, pieces))
+        self.specials = self.size - len(b"".join(pieces).translate(None, _SPECIAL))
 
     @classmethod
-    def learn(cls, chunk: bytes, key: bytes) -> ChunkTemplate | None:
-        """The template of `chunk`, a whole single event (ending with a blank line, no CR) that carries its text
-        as the one string member named `key`; None when the chunk has another shape."""
-        marker = b'"' + key + b'":"'
-        start = chunk.find(marker)
-        if start < 0 or chunk.find(marker, start + 1) >= 0 or not chunk.endswith(b"\n\n") \
-                or chunk.find(b"\n\n") != len(chunk) - 2 or chunk.find(b"\r") >= 0:
+    def learn(cls, chunk: bytes, keys: tuple[bytes, ...]) -> ChunkTemplate | None:
+        """The template of `chunk`, a whole single event (ending with a blank line, no CR) whose varying strings
+        are the members named `keys`: the first (the text) must be there, the others may; each at most once.
+        None when the chunk has another shape."""
+        if not chunk.endswith(b"\n\n") or chunk.find(b"\n\n") != len(chunk) - 2 or chunk.find(b"\r") >= 0:
             return None
-        begin = start + len(marker)
-        end = chunk.find(b'"', begin)
-        if end < 0 or len(chunk[begin:end].translate(None, _SPECIAL)) != end - begin:
-            return None   # a text with an escape: where it ends is not where the next quote is
-        return cls(chunk[:begin], chunk[end:])
+        spans: list[tuple[int, int]] = []
+        for i, key in enumerate(keys):
+            marker = b'"' + key + b'":"'
+            start = chunk.find(marker)
+            if start < 0:
+                if i == 0:
+                    return None
+                continue
+            if chunk.find(marker, start + 1) >= 0:
+                return None
+            begin = start + len(marker)
+            end = chunk.find(b'"', begin)
+            if end < 0 or len(chunk[begin:end].translate(None, _SPECIAL)) != end - begin:
+                return None   # a string with an escape: where it ends is not where the next quote is
+            spans.append((begin, end))
+        pieces, position = [], 0
+        for begin, end in sorted(spans):
+            pieces.append(chunk[position:begin])
+            position = end
+        pieces.append(chunk[position:])
+        return cls(pieces)
 
     def fits(self, chunk: bytes) -> bool:
         return self.fits_all([chunk], chunk)
 
     def fits_all(self, chunks: list[bytes], run: bytes) -> bool:
-        """Does every chunk have this template's shape? `run` is the chunks joined. Each chunk must start
-        with `head`, end with `tail` and be long enough for both apart; then the run holds at least `specials`
-        special bytes per chunk, and exactly that many only if no text holds one."""
-        return (all(map(bytes.startswith, chunks, repeat(self.head)))
-                and all(map(bytes.endswith, chunks, repeat(self.tail)))
-                and min(map(len, chunks)) >= self.size
+        """Does every chunk have this template's shape? `run` is the chunks joined. Each chunk must start with
+        `head` and end with `tail`; each middle must follow the first quote after the string before it, and the
+        tail must not reach back into the last middle. Then the run holds at least `specials` special bytes per
+        chunk, and exactly that many only if no varying string holds one: each is then a plain JSON string
+        whose end is where the template says, and the chunk the same event with other text."""
+        if not (all(map(bytes.startswith, chunks, repeat(self.head)))
+                and all(map(bytes.endswith, chunks, repeat(self.tail)))):
+            return False
+        starts: Iterable[int] = repeat(len(self.head))
+        for middle in self.middles:
+            # (no quote found: -1, where a middle, two quotes at least, cannot start)
+            ends = list(map(bytes.find, chunks, repeat(b'"'), starts))
+            if not all(map(bytes.startswith, chunks, repeat(middle), ends)):
+                return False
+            starts = list(map(add, ends, repeat(len(middle))))
+        return (min(map(sub, map(len, chunks), starts)) >= len(self.tail)
                 and len(run) - len(run.translate(None, _SPECIAL)) == self.specials * len(chunks))
 
 

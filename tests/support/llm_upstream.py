@@ -72,6 +72,9 @@ async def _sse(request: web.Request, events: Any, gap: float) -> web.StreamRespo
     return resp
 
 
+_PADDING = "qVx0rT3kLm9Z"
+
+
 def _data(obj: Any, event: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
@@ -94,10 +97,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
             "usage": OPENAI_USAGE})
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    padded = request.query.get("padded") == "1"  # as api.openai.com streams now: every chunk differs beyond its text
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _data({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
-                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        doc: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if padded:
+            if include_usage:
+                doc["usage"] = None
+            doc["obfuscation"] = _PADDING[: 1 + len(str(delta)) % 12]
+        return _data(doc)
 
     def events() -> Iterator[bytes]:
         yield chunk({"role": "assistant", "content": ""})
