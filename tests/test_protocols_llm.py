@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.calls import counted
 
 from bastion.protocols import llm as llm_module
 from bastion.protocols.llm import (
@@ -689,18 +690,10 @@ def test_chat_stream_fast_path_skips_json_for_content_deltas(monkeypatch: pytest
     stream = data_events(chat_chunk({"role": "assistant", "content": ""}), *deltas, chat_chunk({}, finish="stop"),
                          {**chat_chunk({}), "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 500}},
                          "[DONE]")
-    calls = 0
-    real_loads = json.loads
-
-    def counting_loads(text: str | bytes, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return real_loads(text, **kwargs)
-
-    monkeypatch.setattr(json, "loads", counting_loads)
+    loads = counted(monkeypatch, json, "loads")
     observer = observe(request_of("chat.completions"), [stream[i:i + 4096] for i in range(0, len(stream), 4096)])
     facts = observer.result()
-    assert calls <= 5
+    assert loads() <= 5
     assert facts["usage"] == {"input_tokens": 5, "output_tokens": 500}
     assert facts["finish_reasons"] == ["stop"] and facts["complete"] is True
 
@@ -737,18 +730,9 @@ def test_whole_content_chunks_are_not_even_split_into_events(api: str, monkeypat
         stream += [_named("response.completed", {"type": "response.completed", "response": final})]
     expected = observe(request, [b"".join(stream)]).result()
 
-    from bastion.protocols.sse import SseParser
-    fed = 0
-    real_feed = SseParser.feed
-
-    def counting_feed(self: SseParser, chunk: bytes) -> Any:
-        nonlocal fed
-        fed += 1
-        return real_feed(self, chunk)
-
-    monkeypatch.setattr(SseParser, "feed", counting_feed)
+    fed = counted(monkeypatch, SseParser, "feed")
     facts = observe(request, stream).result()
-    assert fed <= 10
+    assert fed() <= 10
     assert {k: v for k, v in facts.items() if k != "time_to_first_token_s"} == {
         k: v for k, v in expected.items() if k != "time_to_first_token_s"}
     assert facts["usage"]["output_tokens"] == 300 and facts["complete"] is True

@@ -18,19 +18,11 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.calls import counted
 
 from bastion.protocols.llm import LlmRequest, LlmResponseObserver
 from bastion.protocols.quiet import HOLD_CHUNKS, ChunkTemplate, anthropic_run_quiet, chat_run_quiet
 from bastion.protocols.sse import SseParser
-
-
-class Ticks:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
 
 
 def request_of(api: str) -> LlmRequest:
@@ -40,7 +32,7 @@ def request_of(api: str) -> LlmRequest:
 
 def by_call(api: str, chunks: list[bytes]) -> LlmResponseObserver:
     """The observer as the proxy runs it: called with every chunk, then with b"" at the end."""
-    observer = LlmResponseObserver(request_of(api), streamed=True, clock=Ticks())
+    observer = LlmResponseObserver(request_of(api), streamed=True)
     for chunk in [*chunks, b""]:
         assert observer(chunk) is chunk
     assert observer.failure is None
@@ -49,7 +41,7 @@ def by_call(api: str, chunks: list[bytes]) -> LlmResponseObserver:
 
 def read_whole(api: str, chunks: list[bytes]) -> dict[str, Any]:
     """The reference: the whole stream in one chunk, so every event is parsed."""
-    observer = LlmResponseObserver(request_of(api), streamed=True, clock=Ticks())
+    observer = LlmResponseObserver(request_of(api), streamed=True)
     observer.feed(b"".join(chunks))
     observer.feed(b"")
     return facts_of(observer)
@@ -214,17 +206,9 @@ def test_content_deltas_are_held_and_never_parsed(shape: str, monkeypatch: pytes
     chunks += [chunk({}, "stop"), encode({"id": "c", "choices": [], "usage": {"prompt_tokens": 5,
                                                                              "completion_tokens": 400}}, "compact"),
                b"data: [DONE]\n\n"]
-    loads = 0
-    real_loads = json.loads
-
-    def counting(text: str | bytes, **kwargs: Any) -> Any:
-        nonlocal loads
-        loads += 1
-        return real_loads(text, **kwargs)
-
-    monkeypatch.setattr(json, "loads", counting)
+    loads = counted(monkeypatch, json, "loads")
     observer = by_call("chat.completions", chunks)
-    assert loads <= 5   # the role, the first token, the finish and the usage
+    assert loads() <= 5   # the role, the first token, the finish and the usage
     assert (observer._template is not None) is (shape != "numbered")
     facts = facts_of(observer)
     assert facts["usage"] == {"input_tokens": 5, "output_tokens": 400} and facts["finish_reasons"] == ["stop"]
@@ -361,15 +345,7 @@ def test_a_ping_now_and_then_does_not_cost_the_template(monkeypatch: pytest.Monk
             chunks.append(named("ping", {"type": "ping"}))
     chunks.append(named("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
                                           "usage": {"output_tokens": 300}}))
-    parsed = 0
-    real_feed = SseParser.feed
-
-    def counting(self: SseParser, chunk: bytes) -> Any:
-        nonlocal parsed
-        parsed += 1
-        return real_feed(self, chunk)
-
-    monkeypatch.setattr(SseParser, "feed", counting)
+    parsed = counted(monkeypatch, SseParser, "feed")
     observer = by_call("messages", chunks)
-    assert observer._template is not None and parsed <= 5
+    assert observer._template is not None and parsed() <= 5
     assert facts_of(observer) == read_whole("messages", chunks)
