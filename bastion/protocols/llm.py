@@ -18,7 +18,8 @@ Two halves, both pure (no I/O, no mitmproxy):
 - `LlmResponseObserver` reads the answer, streamed (SSE, chunk by chunk, on the proxy's event loop) or
   buffered (a JSON body), into the response half: models, token usage, tool calls with their arguments,
   finish reasons, time to first token, errors. Streams are the hot path: events that cannot change the facts
-  (plain text deltas once the first token is known) are recognised by substring checks and never parsed.
+  (plain text deltas once the first token is known) are held and recognised a run at a time by byte tests
+  (`bastion.protocols.quiet`), never parsed.
 
 Everything read from the wire is hostile: strings, lists and counts are capped, wrong types give None, and
 nothing here raises on malformed input.
