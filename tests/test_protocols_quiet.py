@@ -87,7 +87,8 @@ def chat_streams(draw: st.DrawFn) -> list[bytes]:
 
     chunks = [chunk({"role": "assistant", "content": ""})]
     for _ in range(draw(st.integers(0, 3 * HOLD_CHUNKS))):
-        kind = draw(st.sampled_from(["text"] * 8 + ["tool", "finish_on_text", "hostile", "reasoning", "error"]))
+        kind = draw(st.sampled_from(["text"] * 8 + ["tool", "finish_on_text", "hostile", "hidden", "reasoning",
+                                                    "error"]))
         if kind == "text":
             chunks.append(chunk({"content": draw(TEXTS)}))
         elif kind == "reasoning":
@@ -99,6 +100,12 @@ def chat_streams(draw: st.DrawFn) -> list[bytes]:
             chunks.append(chunk({"content": draw(TEXTS)}, "length"))
         elif kind == "error":
             chunks.append(encode({"error": {"type": "server_error", "message": draw(TEXTS)}}, style))
+        elif kind == "hidden":  # a fact key a byte search cannot see: split over data lines, or escaped
+            chunks.append(draw(st.sampled_from([
+                b'data: {"choices":[],"usage"\ndata: :{"prompt_tokens":7,"completion_tokens":3}}\n\n',
+                b'data: {"choices":[{"index":0,"delta":{},"fin\\u0069sh_reason":"stop"}]}\n\n',
+                b'data: {"choices":[{"index":0,"delta":{"t\\u006fol_calls":[{"index":0,"id":"c9",'
+                b'"function":{"name":"rm","arguments":"{}"}}]}}]}\n\n'])))
         else:  # template-shaped bytes whose "text" ends the line and smuggles in an event of its own
             smuggled = draw(st.sampled_from([
                 b"data: [DONE]", b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}',
@@ -234,7 +241,9 @@ def test_a_template_is_learned_only_from_a_plain_single_event() -> None:
 
 @pytest.mark.parametrize(("text", "fits"), [
     (b"other words", True), (b"", True), (b"\xc3\xa9t\xc3\xa9", True),
-    (b'a"b', False), (b"a\\u0022", False), (b"a\nb", False), (b"a\rb", False), (b"a\x00", False),
+    (b"a\\u0022", True), (b"code\\n\\tindented", True), (b"back\\\\slash", True),
+    (b'a"b', False), (b'a\\"b', False), (b"ends in\\", False), (b"a\nb", False), (b"a\rb", False),
+    (b"a\x00", False),
 ])
 def test_a_chunk_fits_only_if_its_text_cannot_end_the_string_or_the_line(text: bytes, fits: bool) -> None:
     template = ChunkTemplate.learn(DELTA, KEYS)
@@ -250,7 +259,8 @@ PADDED = DELTA.replace(b"}]}", b'}],"usage":null,"obfuscation":"Zx81"}')
 
 @pytest.mark.parametrize(("text", "pad", "fits"), [
     (b"other words", b"q", True), (b"", b"longer-padding", True),
-    (b"a", b'Zx"81', False), (b"a", b"Zx\\81", False), (b"a", b"Zx\n81", False),
+    (b"a", b"Zx\\81", True), (b"a", b'Zx"81', False), (b"a", b"Zx81\\", False), (b"a\\", b"q", False),
+    (b"a", b"Zx\n81", False),
     # a text that ends itself and forges the rest of the event: the real middle follows, so quotes are left over
     (b'a"},"finish_reason":"stop"}],"usage":null,"obfuscation":"x', b"q", False),
 ])
@@ -349,3 +359,39 @@ def test_a_ping_now_and_then_does_not_cost_the_template(monkeypatch: pytest.Monk
     observer = by_call("messages", chunks)
     assert observer._template is not None and parsed() <= 5
     assert facts_of(observer) == read_whole("messages", chunks)
+
+
+FIRST = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
+MS = named("message_start", {"type": "message_start", "message": {
+    "id": "msg", "model": "claude", "usage": {"input_tokens": 5, "output_tokens": 1}}})
+TEXT = named("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": "Hi"}})
+RC = (b'event: response.created\ndata: {"type":"response.created","response":{"id":"r","model":"gpt",'
+      b'"status":"in_progress"}}\n\n')
+RD = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"hi"}\n\n'
+COMPLETED = b'data: {"type":"response.completed","response":{"id":"r","status":"completed","usage":{"input_tokens":3,' \
+            b'"output_tokens":4}}}\n\n'
+
+
+@pytest.mark.parametrize(("api", "chunks", "fact", "value"), [
+    ("chat.completions", [FIRST, FIRST, b'data: {"id":"c","choices":[],"usage"\ndata: :{"prompt_tokens":7,'
+                          b'"completion_tokens":3}}\n\n'], "usage", {"input_tokens": 7, "output_tokens": 3}),
+    ("chat.completions", [FIRST, FIRST, b'data: {"choices":[{"index":0,"delta":{},"fin\\u0069sh_reason":"stop"}]}'
+                          b"\n\n"], "finish_reasons", ["stop"]),
+    ("chat.completions", [FIRST, b'data: {"choices":[],"usage"\rdata: :{"prompt_tokens":7}}\r\r'], "usage",
+     {"input_tokens": 7}),
+    ("messages", [MS, TEXT, TEXT, b'data: {"type":"content_block_\\u0073tart","index":1,"content_block":'
+                  b'{"type":"tool_use","id":"toolu_1","name":"delete_all"}}\n\n'], "tool_calls",
+     [{"id": "toolu_1", "name": "delete_all", "arguments": ""}]),
+    ("messages", [MS, TEXT, TEXT, b'event: content_block_delta\ndata: {"type":"message\\u005fdelta","delta":'
+                  b'{"stop_reason":"tool_use"},"usage":{"output_tokens":999}}\n\n'], "finish_reasons", ["tool_use"]),
+    ("responses", [RC, RD, b": event: response.output_text.delta\n" + COMPLETED], "complete", True),
+    ("responses", [RC, RD, b"event: response.output_text.delta\nevent\n" + COMPLETED], "complete", True),
+], ids=["chat-key-split-over-lines", "chat-escaped-key", "chat-cr-lines", "anthropic-escaped-type",
+        "anthropic-escaped-type-in-a-delta", "responses-comment", "responses-bare-event-line"])
+def test_names_hidden_from_byte_searches_are_still_read(api: str, chunks: list[bytes], fact: str, value: Any) -> None:
+    """A key split over `data:` lines, a JSON escape spelling a name, a comment or bare `event` line renaming an
+    event: none of it hides a fact (tool calls from the audit, usage from the budgets)."""
+    facts = facts_of(by_call(api, [*chunks, *chunks[-1:]]))
+    assert facts == read_whole(api, [*chunks, *chunks[-1:]])
+    assert facts[fact] == value or (fact == "finish_reasons" and facts[fact] == value * 2)

@@ -7,8 +7,13 @@ from __future__ import annotations
 import json
 import zlib
 
+from mitmproxy import http
+from mitmproxy.http import Headers
+from mitmproxy.test import tflow
+
 from bastion.audit.redact import Redactor
-from bastion.proxy.traffic import BoundedLabel, Traffic, _Inflate
+from bastion.protocols.llm import LlmRequest, LlmResponseObserver
+from bastion.proxy.traffic import _STATE, BoundedLabel, Traffic, _Inflate, _Observation, _observing
 
 
 def _gzip_stream() -> zlib._Compress:
@@ -58,3 +63,52 @@ def test_numeric_facts_and_jsonrpc_codes_are_not_masked_by_their_names() -> None
     assert "sk-ant" not in json.dumps(out)  # strings are still scanned
     body = redactor.value({"error": {"code": -32600}, "code": "an-oauth-authorization-code"}, "/response/body", [])
     assert body["error"]["code"] == -32600 and body["code"] != "an-oauth-authorization-code"
+
+
+def _observation_of(*encodings: bytes) -> tuple[http.HTTPFlow, _Observation]:
+    flow = tflow.tflow(resp=True)
+    assert flow.response is not None
+    flow.response.headers = Headers([(b"content-type", b"text/event-stream"),
+                                     *((b"content-encoding", e) for e in encodings)])
+    flow.response.stream = True
+    obs = _Observation(obs_request(), None)
+    flow.metadata[_STATE] = obs
+    return flow, obs
+
+
+def test_an_answer_with_two_content_encodings_is_left_unread() -> None:
+    """`identity` then `gzip`: the agent's client decodes the gzip, so reading the bytes as text would let an
+    upstream show the audit one answer (in the gzip header's comment) and the agent another."""
+    flow, obs = _observation_of(b"identity", b"gzip")
+    Traffic().responseheaders(flow)
+    assert obs.llm_observer is None and flow.response is not None and flow.response.stream is True
+    flow, obs = _observation_of(b"gzip")
+    Traffic().responseheaders(flow)
+    assert obs.llm_observer is not None and flow.response is not None and callable(flow.response.stream)
+
+
+def test_a_compressed_stream_read_in_pieces_that_inflate_to_nothing_keeps_its_facts() -> None:
+    """A chunk of only the gzip header, or a flush, inflates to nothing: that is not the end of the answer."""
+    events = [
+        b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n',
+        b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+        b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    packer = _gzip_stream()
+    first = packer.compress(events[0]) + packer.flush(zlib.Z_SYNC_FLUSH)
+    rest = packer.compress(b"".join(events[1:])) + packer.flush()
+    assert first.endswith(b"\x00\x00\xff\xff")   # the flush marker: an empty block
+    pieces = [first[:10], first[10:-4], first[-4:], rest]   # the gzip header alone, the marker alone
+    observer = LlmResponseObserver(obs_request(), streamed=True)
+    stream = _observing(observer.feed, _Inflate("gzip"))
+    for piece in [*pieces, b""]:
+        assert stream(piece) == piece
+    facts = observer.result()
+    assert facts["finish_reasons"] == ["stop"] and facts["usage"] == {"input_tokens": 3, "output_tokens": 1}
+    assert facts["complete"] is True
+
+
+def obs_request() -> LlmRequest:
+    return LlmRequest(provider="openai", api="chat.completions", operation="chat", model="m", stream=True,
+                      tools=())

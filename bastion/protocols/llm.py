@@ -37,10 +37,12 @@ from itertools import islice
 from typing import Any
 
 from bastion.protocols.quiet import (
+    ESCAPED_ASCII,
     HOLD_CHUNK_BYTES,
     HOLD_CHUNKS,
     ChunkTemplate,
     anthropic_run_quiet,
+    bytes_show_every_name,
     chat_run_quiet,
 )
 from bastion.protocols.sse import SseEvent, SseParser
@@ -70,7 +72,10 @@ _CHAT_CHUNK_FACTS = re.compile(
     rb'"(?:usage|finish_reason|tool_calls|function_call|error)"\s*+:\s*+(?!null|\[\s*\])|\[DONE\]|event:')
 _ANTHROPIC_CHUNK_FACTS = re.compile(rb"message_|content_block_st|input_json_delta|error")
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
-_RESPONSES_TEXT_DELTA = b"event: response.output_text.delta\n"
+# Chunks of Responses text deltas only: each event exactly its `event:` line and one `data:` line (a comment or a
+# bare `event` line could otherwise rename an event that a count of `event:` lines took for a delta).
+_RESPONSES_TEXT_DELTAS = re.compile(rb"(?:event: response\.output_text\.delta\ndata:[^\r\n]*+\n\n)++")
+_ESCAPED_LETTER = re.compile(r"\\u00[4-7]")   # in decoded event data: see `quiet.ESCAPED_ASCII`
 _BIG_USAGE = re.compile(rb'"usage"\s*+:\s*+(\{(?:[^{}]++|\{[^{}]*+\})*+\})')   # one level of nested details
 _BIG_MODEL = re.compile(rb'"model"\s*+:\s*+("(?:[^"\\]|\\.){0,800}+")')
 
@@ -600,18 +605,7 @@ class LlmResponseObserver:
                         self._template, self._head = None, b""
                 return
             before = self.first_token_at
-            lone = self._parser.lone_data(chunk) if self._on_data is not None else None
-            if lone is not None:
-                assert self._on_data is not None
-                try:
-                    self._on_data(lone, False)
-                except _MALFORMED:
-                    self.malformed_events += 1
-                events = 1
-            else:
-                parsed = self._parser.feed(chunk)
-                self._take_events(parsed)
-                events = len(parsed)
+            events = self._parse(chunk)
             if before is None and self.first_token_at is not None and self._run_quiet is not None \
                     and events == 1 and self._quiet(chunk):
                 self._template = ChunkTemplate.learn(chunk, self._varying)
@@ -622,6 +616,20 @@ class LlmResponseObserver:
             self._settle()
             self._ended, self._holding = True, False
             self._take_events(self._parser.close())
+
+    def _parse(self, chunk: bytes) -> int:
+        """Read every event of `chunk`; returns how many there were. One `data:` line takes the short way."""
+        on_data = self._on_data
+        lone = self._parser.lone_data(chunk) if on_data is not None else None
+        if on_data is None or lone is None:
+            events = self._parser.feed(chunk)
+            self._take_events(events)
+            return len(events)
+        try:
+            on_data(lone, False)
+        except _MALFORMED:
+            self.malformed_events += 1
+        return 1
 
     def _take_events(self, events: list[SseEvent]) -> None:
         for event in events:
@@ -649,7 +657,7 @@ class LlmResponseObserver:
         for chunk in held:
             if (template is not None and template.fits(chunk)) or self._quiet(chunk):
                 continue
-            self._take_events(self._parser.feed(chunk))
+            self._parse(chunk)
 
     def _quiet(self, chunk: bytes) -> bool:
         """Is `chunk` whole events (the parser holds nothing, the chunk ends with a blank line) that cannot change
@@ -660,12 +668,11 @@ class LlmResponseObserver:
             return False
         api = self.request.api
         if api in ("chat.completions", "completions"):
-            return _CHAT_CHUNK_FACTS.search(chunk) is None
+            return _CHAT_CHUNK_FACTS.search(chunk) is None and bytes_show_every_name(chunk)
         if api == "messages":
-            return _ANTHROPIC_CHUNK_FACTS.search(chunk) is None
+            return _ANTHROPIC_CHUNK_FACTS.search(chunk) is None and ESCAPED_ASCII.search(chunk) is None
         if api == "responses":
-            deltas = chunk.count(_RESPONSES_TEXT_DELTA)
-            return deltas > 0 and deltas == chunk.count(b"event:") == chunk.count(b"data:")
+            return _RESPONSES_TEXT_DELTAS.fullmatch(chunk) is not None
         return False
 
     def feed_body(self, body: bytes) -> None:
@@ -800,7 +807,8 @@ class LlmResponseObserver:
         if len(data) < 16 and data.strip() == "[DONE]":
             self._complete = True
             return
-        if self.first_token_at is not None and not named_error and not _CHAT_FACTS.search(data):
+        if self.first_token_at is not None and not named_error and not _CHAT_FACTS.search(data) \
+                and not _ESCAPED_LETTER.search(data):
             return   # a content delta: every chunk repeats the model and id, both read from the first ones
         doc = _dict(_loads(data))
         if doc is None:
@@ -944,7 +952,7 @@ class LlmResponseObserver:
     def _anthropic_event(self, event: SseEvent) -> None:
         name = event.event
         if name == "ping" or (name == "content_block_delta" and self.first_token_at is not None
-                              and "input_json_delta" not in event.data):
+                              and "input_json_delta" not in event.data and not _ESCAPED_LETTER.search(event.data)):
             return   # keep-alives, and text/thinking deltas once the first token is known
         doc = _dict(_loads(event.data))
         if doc is None:

@@ -10,8 +10,8 @@ facts, and anything unusual says "look", after which the chunks are tested one b
 - `ChunkTemplate`: servers send every content delta in the same bytes but for the text (vLLM, llama.cpp,
   Ollama, Anthropic's `text_delta`s) and, for api.openai.com, a random `obfuscation` string. The template is
   learned from a delta the observer parsed: the fixed bytes around those strings. A chunk made of the same
-  fixed bytes, whose strings hold no quote, backslash or control character, is that same event with other
-  words: nothing to read.
+  fixed bytes, whose strings hold no quote or control character and do not end in a backslash, is that same
+  event with other words: nothing to read.
 - `chat_run_quiet` / `anthropic_run_quiet`: substring counts for streams whose deltas differ in other ways:
   a chat run is quiet when every fact key in it has a null value; an Anthropic run when no event type that
   carries facts appears in it.
@@ -19,6 +19,7 @@ facts, and anything unusual says "look", after which the chunks are tested one b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from itertools import repeat
 from operator import add, sub
@@ -28,15 +29,32 @@ HOLD_CHUNKS = 32
 HOLD_CHUNK_BYTES = 2048
 """Only chunks this small are held (a content delta is a few hundred bytes), so at most 64 KiB per answer."""
 
-_SPECIAL = bytes(range(0x20)) + b'"\\'
-"""Bytes that may not occur in a template's text: a quote or backslash could end the JSON string early or
-escape its closing quote, a CR or LF could start another SSE line, other control characters make the JSON
-invalid. Deleted in one pass over the run (`bytes.translate`) to count them."""
+_SPECIAL = bytes(range(0x20)) + b'"'
+"""Bytes that may not occur in a template's varying strings: a quote would end the JSON string early, a CR or
+LF would start another SSE line, other control characters make the JSON invalid. Deleted in one pass over the
+run (`bytes.translate`) to count them. Backslash escapes (`\\n` in code and markdown, `\\"`) may occur, but
+a string may not end in a backslash: that one would escape the closing quote."""
+_BACKSLASH = 0x5C
+
+ESCAPED_ASCII = re.compile(rb"\\u00[4-7]")
+"""A JSON escape of an ASCII letter or `_` (`\\u0073` for `s`). Encoders escape quotes, backslashes, control
+characters, non-ASCII and (Go's) `<>&`, never letters; one that does could spell a key or an event type that a
+byte search would not see."""
+
+
+def bytes_show_every_name(events: bytes) -> bool:
+    """Whether byte searches over these whole events see every key and event type in them: no JSON escape
+    spells a letter, and no event's data spans lines (a key on one `data:` line and its colon on the next
+    join into valid JSON), so no CR and every `data:` line but the first starts an event. Chat streams only:
+    Anthropic's events open with an `event:` line, and their names cannot span lines."""
+    return (events.find(b"\r") < 0 and events.count(b"\ndata:") == events.count(b"\n\ndata:")
+            and ESCAPED_ASCII.search(events) is None)
 
 # Keys whose non-null value is a fact (OpenAI chat and legacy completions), each with its null forms as the
 # OpenAI SDK's and Python's JSON encoders write them.
-_CHAT_NULLABLE = tuple((key, key + b":null", key + b": null") for key in (
-    b'"usage"', b'"finish_reason"', b'"tool_calls"', b'"function_call"', b'"error"'))
+_CHAT_NULLABLE = tuple((key, (key + b":null", key + b": null", *extra)) for key, extra in (
+    (b'"usage"', ()), (b'"finish_reason"', ()), (b'"tool_calls"', (b'"tool_calls":[]',)),
+    (b'"function_call"', ()), (b'"error"', ())))
 _CHAT_ALWAYS = (b"[DONE]", b"event:")
 # What every Anthropic event carrying a fact names: message_start/_delta/_stop, content_block_start/_stop, tool
 # input deltas and errors. Text deltas and pings name none of these.
@@ -74,8 +92,9 @@ class ChunkTemplate:
                 return None
             begin = start + len(marker)
             end = chunk.find(b'"', begin)
-            if end < 0 or len(chunk[begin:end].translate(None, _SPECIAL)) != end - begin:
-                return None   # a string with an escape: where it ends is not where the next quote is
+            if end < 0 or chunk[end - 1] == _BACKSLASH \
+                    or len(chunk[begin:end].translate(None, _SPECIAL)) != end - begin:
+                return None   # an escaped quote: the string does not end at the next quote
             spans.append((begin, end))
         pieces, position = [], 0
         for begin, end in sorted(spans):
@@ -91,8 +110,9 @@ class ChunkTemplate:
         """Does every chunk have this template's shape? `run` is the chunks joined. Each chunk must start with
         `head` and end with `tail`; each middle must follow the first quote after the string before it, and the
         tail must not reach back into the last middle. Then the run holds at least `specials` special bytes per
-        chunk, and exactly that many only if no varying string holds one: each is then a plain JSON string
-        whose end is where the template says, and the chunk the same event with other text."""
+        chunk, and exactly that many only if no varying string holds one. With no string ending in a backslash,
+        each then ends where the template says, and the chunk is the same event with other text (or, if a
+        string holds a broken escape, no valid JSON at all, which reads as nothing either way)."""
         if not (all(map(bytes.startswith, chunks, repeat(self.head)))
                 and all(map(bytes.endswith, chunks, repeat(self.tail)))):
             return False
@@ -100,26 +120,29 @@ class ChunkTemplate:
         for middle in self.middles:
             # (no quote found: -1, where a middle, two quotes at least, cannot start)
             ends = list(map(bytes.find, chunks, repeat(b'"'), starts))
-            if not all(map(bytes.startswith, chunks, repeat(middle), ends)):
+            if not all(map(bytes.startswith, chunks, repeat(middle), ends)) \
+                    or _BACKSLASH in map(bytes.__getitem__, chunks, map(sub, ends, repeat(1))):
                 return False
             starts = list(map(add, ends, repeat(len(middle))))
+        tail_at = -len(self.tail) - 1   # the last byte of the last string (or of the head, if it is empty)
         return (min(map(sub, map(len, chunks), starts)) >= len(self.tail)
+                and _BACKSLASH not in map(bytes.__getitem__, chunks, repeat(tail_at))
                 and len(run) - len(run.translate(None, _SPECIAL)) == self.specials * len(chunks))
 
 
 def chat_run_quiet(run: bytes) -> bool:
-    """Held chat chunks in which `llm._CHAT_CHUNK_FACTS` would find nothing: every fact key there is null, no
-    named event, no end of stream."""
+    """Held chat chunks in which `llm._CHAT_CHUNK_FACTS` would find nothing, and would be right to: every fact
+    key there is null, no named event, no end of stream, and nothing hidden from byte searches."""
     for marker in _CHAT_ALWAYS:
         if run.find(marker) >= 0:
             return False
-    for key, null, spaced_null in _CHAT_NULLABLE:
+    for key, nulls in _CHAT_NULLABLE:
         n = run.count(key)
-        if n and n != run.count(null) + run.count(spaced_null):
+        if n and n != sum(map(run.count, nulls)):
             return False
-    return True
+    return bytes_show_every_name(run)
 
 
 def anthropic_run_quiet(run: bytes) -> bool:
-    """Held Anthropic chunks in which `llm._ANTHROPIC_CHUNK_FACTS` would find nothing."""
-    return all(run.find(marker) < 0 for marker in _ANTHROPIC_MARKERS)
+    """Held Anthropic chunks in which `llm._ANTHROPIC_CHUNK_FACTS` would find nothing, no name escaped."""
+    return all(run.find(marker) < 0 for marker in _ANTHROPIC_MARKERS) and ESCAPED_ASCII.search(run) is None

@@ -33,7 +33,6 @@ from mitmproxy import http
 
 from bastion import metrics
 from bastion.audit.bodies import DecodeError, decode_content
-from bastion.audit.snapshot import header_value
 from bastion.policy.facts import EvalError, RequestFacts
 from bastion.protocols.llm import LlmRequest, LlmResponseObserver, usage_tokens
 from bastion.protocols.mcp import McpProblem, McpRequest, McpResponseObserver
@@ -166,7 +165,8 @@ class Traffic:
         if callable(resp.stream):  # someone else's stream function: leave the body to it
             obs.llm_observer = obs.mcp_observer = None
             return
-        encoding = (header_value(resp.headers.fields, b"content-encoding") or "").strip().lower()
+        # Every Content-Encoding field, joined: a second one (`identity` then `gzip`) must not go unseen.
+        encoding = resp.headers.get("content-encoding", "").strip().lower()
         if encoding in ("", "identity"):
             # A model's answer reads itself as it passes (the cheapest path per chunk: no wrapper around it).
             resp.stream = obs.llm_observer if obs.llm_observer is not None else _observing(feed)
@@ -259,7 +259,9 @@ def _observing(feed: Callable[[bytes], None], decode: _Inflate | None = None) ->
                 if decode is None:
                     feed(data)
                 elif data:
-                    feed(decode(data))
+                    decoded = decode(data)
+                    if decoded:   # (a gzip header, a flush: nothing yet; b"" would end the answer)
+                        feed(decoded)
                 else:
                     feed(b"")
             except Exception:
