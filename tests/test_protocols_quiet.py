@@ -197,7 +197,8 @@ def test_an_answer_cut_short_still_counts_what_was_held() -> None:
 @pytest.mark.parametrize("shape", ["uniform", "padded", "numbered"])
 def test_content_deltas_are_held_and_never_parsed(shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Uniform deltas and OpenAI's padded ones fit a template; deltas that differ in another way (a number
-    that counts up) are found quiet by the substring counts, and the useless template is dropped."""
+    that counts up, before the text) are found quiet by the substring counts, and the useless template is
+    dropped after two of them in a row."""
     counter = iter(range(10_000))
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
@@ -395,3 +396,16 @@ def test_names_hidden_from_byte_searches_are_still_read(api: str, chunks: list[b
     facts = facts_of(by_call(api, [*chunks, *chunks[-1:]]))
     assert facts == read_whole(api, [*chunks, *chunks[-1:]])
     assert facts[fact] == value or (fact == "finish_reasons" and facts[fact] == value * 2)
+
+
+def test_a_quote_now_and_then_does_not_cost_the_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delta whose text holds a quote (`\\"` in the JSON) does not fit; its run is read by the counts, and the
+    template is kept for the runs after it."""
+    chunks = [encode(chat_doc({"role": "assistant", "content": ""}), "compact")]
+    chunks += [encode(chat_doc({"content": 'say "hi" ' if i % 40 == 5 else f"w{i}\n"}), "compact")
+               for i in range(400)]
+    chunks.append(encode(chat_doc({}, "stop"), "compact"))
+    loads = counted(monkeypatch, json, "loads")
+    observer = by_call("chat.completions", chunks)
+    assert observer._template is not None and loads() <= 4
+    assert facts_of(observer) == read_whole("chat.completions", chunks)

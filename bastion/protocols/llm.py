@@ -651,9 +651,7 @@ class LlmResponseObserver:
             return
         assert self._run_quiet is not None
         if self._run_quiet(run):
-            if template is not None:   # quiet chunks of another shape: this stream's deltas vary (padding)
-                self._template, self._head = None, b""
-            return
+            return   # (the template stays: one delta with a quote in its text does not fit, the next ones may)
         for chunk in held:
             if (template is not None and template.fits(chunk)) or self._quiet(chunk):
                 continue
