@@ -87,8 +87,8 @@ def chat_streams(draw: st.DrawFn) -> list[bytes]:
 
     chunks = [chunk({"role": "assistant", "content": ""})]
     for _ in range(draw(st.integers(0, 3 * HOLD_CHUNKS))):
-        kind = draw(st.sampled_from(["text"] * 8 + ["tool", "finish_on_text", "hostile", "hidden", "reasoning",
-                                                    "error"]))
+        kind = draw(st.sampled_from(["text"] * 8 + ["tool", "finish_on_text", "hostile", "hidden", "escaped",
+                                                    "reasoning", "error"]))
         if kind == "text":
             chunks.append(chunk({"content": draw(TEXTS)}))
         elif kind == "reasoning":
@@ -106,6 +106,12 @@ def chat_streams(draw: st.DrawFn) -> list[bytes]:
                 b'data: {"choices":[{"index":0,"delta":{},"fin\\u0069sh_reason":"stop"}]}\n\n',
                 b'data: {"choices":[{"index":0,"delta":{"t\\u006fol_calls":[{"index":0,"id":"c9",'
                 b'"function":{"name":"rm","arguments":"{}"}}]}}]}\n\n'])))
+        elif kind == "escaped":  # template-shaped bytes whose raw "text" plays with backslashes and quotes
+            raw = draw(st.sampled_from([
+                b"x\\", b"x\\\\", b"x\\\\\\", b'x\\"', b'x\\"},"finish_reason":"stop',
+                b'x\\\\"},"finish_reason":"stop","z":"', b'x"},"finish_reason":"stop","z":"', b"x\\u0022y"]))
+            head, _, tail = chunk({"content": "\x00"}).partition(b"\\u0000")
+            chunks.append(head + raw + tail)
         else:  # template-shaped bytes whose "text" ends the line and smuggles in an event of its own
             smuggled = draw(st.sampled_from([
                 b"data: [DONE]", b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}',
@@ -234,7 +240,8 @@ def test_a_template_is_learned_only_from_a_plain_single_event() -> None:
     assert template is not None and template.head.endswith(b'"content":"') and template.tail.startswith(b'"}')
     assert ChunkTemplate.learn(DELTA + DELTA, KEYS) is None                     # two events
     assert ChunkTemplate.learn(DELTA.replace(b"\n\n", b"\r\n\r\n"), KEYS) is None
-    assert ChunkTemplate.learn(DELTA.replace(b"hello", b'he\\"llo'), KEYS) is None   # an escape
+    escaped = ChunkTemplate.learn(DELTA.replace(b"hello", b'he\\"llo'), KEYS)   # an escaped quote in the text
+    assert escaped is not None and escaped.head == template.head and escaped.tail == template.tail
     assert ChunkTemplate.learn(DELTA.replace(b"hello", b"hel\tlo"), KEYS) is None
     assert ChunkTemplate.learn(DELTA, (b"text",)) is None
     assert ChunkTemplate.learn(DELTA.replace(b'"id":"c"', b'"content":"c"'), KEYS) is None  # twice
@@ -242,9 +249,10 @@ def test_a_template_is_learned_only_from_a_plain_single_event() -> None:
 
 @pytest.mark.parametrize(("text", "fits"), [
     (b"other words", True), (b"", True), (b"\xc3\xa9t\xc3\xa9", True),
-    (b"a\\u0022", True), (b"code\\n\\tindented", True), (b"back\\\\slash", True),
-    (b'a"b', False), (b'a\\"b', False), (b"ends in\\", False), (b"a\nb", False), (b"a\rb", False),
-    (b"a\x00", False),
+    (b"a\\u0022", True), (b"code\\n\\tindented", True), (b"back\\\\slash", True), (b'say \\"hi\\"', True),
+    (b"ends in an escaped backslash\\\\", True),
+    (b'a"b', False), (b"ends in a lone backslash\\", False), (b"three\\\\\\", False), (b"a\nb", False),
+    (b"a\rb", False), (b"a\x00", False),
 ])
 def test_a_chunk_fits_only_if_its_text_cannot_end_the_string_or_the_line(text: bytes, fits: bool) -> None:
     template = ChunkTemplate.learn(DELTA, KEYS)
@@ -260,8 +268,8 @@ PADDED = DELTA.replace(b"}]}", b'}],"usage":null,"obfuscation":"Zx81"}')
 
 @pytest.mark.parametrize(("text", "pad", "fits"), [
     (b"other words", b"q", True), (b"", b"longer-padding", True),
-    (b"a", b"Zx\\81", True), (b"a", b'Zx"81', False), (b"a", b"Zx81\\", False), (b"a\\", b"q", False),
-    (b"a", b"Zx\n81", False),
+    (b"a", b"Zx\\81", True), (b'a \\"quoted\\"', b"q", True), (b"a\\\\", b"q", True),
+    (b"a", b'Zx"81', False), (b"a", b"Zx81\\", False), (b"a\\", b"q", False), (b"a", b"Zx\n81", False),
     # a text that ends itself and forges the rest of the event: the real middle follows, so quotes are left over
     (b'a"},"finish_reason":"stop"}],"usage":null,"obfuscation":"x', b"q", False),
 ])
@@ -409,3 +417,25 @@ def test_a_quote_now_and_then_does_not_cost_the_template(monkeypatch: pytest.Mon
     observer = by_call("chat.completions", chunks)
     assert observer._template is not None and loads() <= 4
     assert facts_of(observer) == read_whole("chat.completions", chunks)
+
+
+def test_an_escaped_closing_quote_is_not_made_up_for_by_a_bare_quote_elsewhere() -> None:
+    """One text ending in a lone backslash (its closing quote escaped: one quote short) and another holding a
+    bare quote (one too many): the run's count balances, the shapes do not."""
+    template = ChunkTemplate.learn(DELTA, KEYS)
+    assert template is not None
+    run = [DELTA.replace(b"hello", b"hello\\"), DELTA.replace(b"hello", b'he"llo')]
+    assert not template.fits_all(run, b"".join(run))
+    padded = ChunkTemplate.learn(PADDED, KEYS)
+    assert padded is not None
+    run = [PADDED.replace(b"Zx81", b"Zx81\\"), PADDED.replace(b"Zx81", b'Z"x81')]
+    assert not padded.fits_all(run, b"".join(run))
+
+
+def test_the_last_middle_and_the_tail_may_not_overlap() -> None:
+    padded = ChunkTemplate.learn(PADDED, KEYS)
+    assert padded is not None
+    overlapped = PADDED.replace(b'"Zx81"}', b'"}')   # the middle's last quote is the tail's first
+    assert overlapped.endswith(padded.tail)
+    run = [overlapped, PADDED.replace(b"Zx81", b'Z"x81')]   # one quote short, one too many
+    assert not padded.fits_all(run, b"".join(run))

@@ -10,8 +10,8 @@ facts, and anything unusual says "look", after which the chunks are tested one b
 - `ChunkTemplate`: servers send every content delta in the same bytes but for the text (vLLM, llama.cpp,
   Ollama, Anthropic's `text_delta`s) and, for api.openai.com, a random `obfuscation` string. The template is
   learned from a delta the observer parsed: the fixed bytes around those strings. A chunk made of the same
-  fixed bytes, whose strings hold no quote or control character and do not end in a backslash, is that same
-  event with other words: nothing to read.
+  fixed bytes, whose strings hold no bare quote or control character (escapes are fine), is that same event
+  with other words: nothing to read.
 - `chat_run_quiet` / `anthropic_run_quiet`: substring counts for streams whose deltas differ in other ways:
   a chat run is quiet when every fact key in it has a null value; an Anthropic run when no event type that
   carries facts appears in it.
@@ -20,21 +20,29 @@ facts, and anything unusual says "look", after which the chunks are tested one b
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from itertools import repeat
-from operator import add, sub
+from itertools import accumulate, repeat
+from operator import add, eq, sub
 
 HOLD_CHUNKS = 32
 """Chunks held before they are looked at together."""
 HOLD_CHUNK_BYTES = 2048
 """Only chunks this small are held (a content delta is a few hundred bytes), so at most 64 KiB per answer."""
 
-_SPECIAL = bytes(range(0x20)) + b'"'
-"""Bytes that may not occur in a template's varying strings: a quote would end the JSON string early, a CR or
-LF would start another SSE line, other control characters make the JSON invalid. Deleted in one pass over the
-run (`bytes.translate`) to count them. Backslash escapes (`\\n` in code and markdown, `\\"`) may occur, but
-a string may not end in a backslash: that one would escape the closing quote."""
-_BACKSLASH = 0x5C
+_CONTROL = bytes(range(0x20))
+"""Bytes that may not occur in a template's varying strings: a CR or LF would start another SSE line, the
+others make the JSON invalid. Deleted in one pass over the run (`bytes.translate`) to count them."""
+
+
+_QUOTE = 0x22
+
+
+def _flat(data: bytes) -> bytes:
+    """`data` with every escaped backslash and escaped quote blanked out, same length: the quotes left are the
+    ones that open and close JSON strings. (`bytes.replace` pairs backslashes from the left, as JSON does.)"""
+    if data.find(b"\\") < 0:   # (memchr: the usual run has no escape at all, and costs no copy)
+        return data
+    return data.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+
 
 ESCAPED_ASCII = re.compile(rb"\\u00[4-7]")
 """A JSON escape of an ASCII letter or `_` (`\\u0073` for `s`). Encoders escape quotes, backslashes, control
@@ -66,12 +74,14 @@ class ChunkTemplate:
     the server adds some): `head` (up to and including the opening quote of the first), `middles` (from the
     closing quote of one to the opening quote of the next) and `tail` (from the last closing quote on)."""
 
-    __slots__ = ("head", "middles", "size", "specials", "tail")
+    __slots__ = ("controls", "head", "middles", "quotes", "tail")
 
     def __init__(self, pieces: list[bytes]) -> None:
-        self.head, *self.middles, self.tail = pieces
-        self.size = sum(map(len, pieces))
-        self.specials = self.size - len(b"".join(pieces).translate(None, _SPECIAL))
+        self.head, *middles, self.tail = pieces
+        self.middles = [_flat(middle) for middle in middles]   # as they show in a run with escapes blanked out
+        fixed = b"".join(pieces)
+        self.quotes = _flat(fixed).count(b'"')
+        self.controls = len(fixed) - len(fixed.translate(None, _CONTROL))
 
     @classmethod
     def learn(cls, chunk: bytes, keys: tuple[bytes, ...]) -> ChunkTemplate | None:
@@ -80,6 +90,7 @@ class ChunkTemplate:
         None when the chunk has another shape."""
         if not chunk.endswith(b"\n\n") or chunk.find(b"\n\n") != len(chunk) - 2 or chunk.find(b"\r") >= 0:
             return None
+        flat = _flat(chunk)
         spans: list[tuple[int, int]] = []
         for i, key in enumerate(keys):
             marker = b'"' + key + b'":"'
@@ -91,10 +102,9 @@ class ChunkTemplate:
             if chunk.find(marker, start + 1) >= 0:
                 return None
             begin = start + len(marker)
-            end = chunk.find(b'"', begin)
-            if end < 0 or chunk[end - 1] == _BACKSLASH \
-                    or len(chunk[begin:end].translate(None, _SPECIAL)) != end - begin:
-                return None   # an escaped quote: the string does not end at the next quote
+            end = flat.find(b'"', begin)   # the string's closing quote
+            if end < 0 or len(chunk[begin:end].translate(None, _CONTROL)) != end - begin:
+                return None
             spans.append((begin, end))
         pieces, position = [], 0
         for begin, end in sorted(spans):
@@ -107,27 +117,41 @@ class ChunkTemplate:
         return self.fits_all([chunk], chunk)
 
     def fits_all(self, chunks: list[bytes], run: bytes) -> bool:
-        """Does every chunk have this template's shape? `run` is the chunks joined. Each chunk must start with
-        `head` and end with `tail`; each middle must follow the first quote after the string before it, and the
-        tail must not reach back into the last middle. Then the run holds at least `specials` special bytes per
-        chunk, and exactly that many only if no varying string holds one. With no string ending in a backslash,
-        each then ends where the template says, and the chunk is the same event with other text (or, if a
-        string holds a broken escape, no valid JSON at all, which reads as nothing either way)."""
+        """Does every chunk have this template's shape? `run` is the chunks joined.
+
+        Each chunk must start with `head` and end with `tail`. In the run with its escaped quotes blanked out
+        (`_flat`), each string's closing quote is the first quote after its start: a middle must begin there,
+        and the tail's quote must be one too (not escaped by the string before it). Then each chunk holds at
+        least the template's quotes and control bytes, and the run exactly that many per chunk only if no
+        varying string holds a bare quote or a control byte: each string then ends where the template says,
+        and the chunk is the same event with other text (escapes and all; one with a broken escape is no valid
+        JSON, which reads as nothing either way)."""
         if not (all(map(bytes.startswith, chunks, repeat(self.head)))
                 and all(map(bytes.endswith, chunks, repeat(self.tail)))):
             return False
-        starts: Iterable[int] = repeat(len(self.head))
-        for middle in self.middles:
-            # (no quote found: -1, where a middle, two quotes at least, cannot start)
-            ends = list(map(bytes.find, chunks, repeat(b'"'), starts))
-            if not all(map(bytes.startswith, chunks, repeat(middle), ends)) \
-                    or _BACKSLASH in map(bytes.__getitem__, chunks, map(sub, ends, repeat(1))):
+        flat = _flat(run)
+        tails: list[int] | None = None
+        if self.middles:   # positions in the run: where each chunk ends, where its next string starts
+            ends = list(accumulate(map(len, chunks)))
+            starts = list(map(add, (0, *ends[:-1]), repeat(len(self.head))))
+            for middle in self.middles:
+                # (no quote found: -1, where a middle, two quotes at least, cannot start)
+                closes = list(map(flat.find, repeat(b'"'), starts, ends))
+                if not all(map(flat.startswith, repeat(middle), closes)):
+                    return False
+                starts = list(map(add, closes, repeat(len(middle))))
+            tails = list(map(sub, ends, repeat(len(self.tail))))
+            if min(map(sub, tails, starts)) < 0:
                 return False
-            starts = list(map(add, ends, repeat(len(middle))))
-        tail_at = -len(self.tail) - 1   # the last byte of the last string (or of the head, if it is empty)
-        return (min(map(sub, map(len, chunks), starts)) >= len(self.tail)
-                and _BACKSLASH not in map(bytes.__getitem__, chunks, repeat(tail_at))
-                and len(run) - len(run.translate(None, _SPECIAL)) == self.specials * len(chunks))
+        elif min(map(len, chunks)) < len(self.head) + len(self.tail):
+            return False
+        if flat is not run:   # escapes in the run: the tail's quote must not be one
+            if tails is None:
+                tails = list(map(sub, accumulate(map(len, chunks)), repeat(len(self.tail))))
+            if not all(map(eq, map(flat.__getitem__, tails), repeat(_QUOTE))):
+                return False
+        return (flat.count(b'"') == self.quotes * len(chunks)
+                and len(run) - len(run.translate(None, _CONTROL)) == self.controls * len(chunks))
 
 
 def chat_run_quiet(run: bytes) -> bool:
