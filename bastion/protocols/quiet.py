@@ -20,6 +20,7 @@ facts, and anything unusual says "look", after which the chunks are tested one b
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from itertools import accumulate, repeat
 from operator import add, eq, sub
 
@@ -130,6 +131,16 @@ class ChunkTemplate:
                 and all(map(bytes.endswith, chunks, repeat(self.tail)))):
             return False
         flat = _flat(run)
+        if flat is run:   # no escape anywhere: positions within each chunk will do
+            starts: Iterable[int] = repeat(len(self.head))
+            for middle in self.middles:
+                closes = list(map(bytes.find, chunks, repeat(b'"'), starts))
+                if not all(map(bytes.startswith, chunks, repeat(middle), closes)):
+                    return False
+                starts = list(map(add, closes, repeat(len(middle))))
+            return (min(map(sub, map(len, chunks), starts)) >= len(self.tail)
+                    and run.count(b'"') == self.quotes * len(chunks)
+                    and len(run) - len(run.translate(None, _CONTROL)) == self.controls * len(chunks))
         tails: list[int] | None = None
         if self.middles:   # positions in the run: where each chunk ends, where its next string starts
             ends = list(accumulate(map(len, chunks)))
@@ -145,11 +156,10 @@ class ChunkTemplate:
                 return False
         elif min(map(len, chunks)) < len(self.head) + len(self.tail):
             return False
-        if flat is not run:   # escapes in the run: the tail's quote must not be one
-            if tails is None:
-                tails = list(map(sub, accumulate(map(len, chunks)), repeat(len(self.tail))))
-            if not all(map(eq, map(flat.__getitem__, tails), repeat(_QUOTE))):
-                return False
+        if tails is None:
+            tails = list(map(sub, accumulate(map(len, chunks)), repeat(len(self.tail))))
+        if not all(map(eq, map(flat.__getitem__, tails), repeat(_QUOTE))):
+            return False   # the tail's quote is escaped
         return (flat.count(b'"') == self.quotes * len(chunks)
                 and len(run) - len(run.translate(None, _CONTROL)) == self.controls * len(chunks))
 
