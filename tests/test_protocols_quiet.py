@@ -317,19 +317,22 @@ def test_anthropic_run_quiet() -> None:
     assert not anthropic_run_quiet(delta + named("content_block_stop", {"type": "content_block_stop"}))
 
 
-@pytest.mark.parametrize("chunk", [
-    b"data: x\n\n", b"data:x\n\n", b"data:  two spaces\n\n", b"data: \xff\xfe bad utf-8\n\n", b"data:\n\n",
-    b"data: x\r\n\r\n", b"event: a\ndata: x\n\n", b"data: a\n\ndata: b\n\n", b": comment\n\n", b"data: x\n",
-    b"\xef\xbb\xbfdata: bom\n\n", b"id: 7\ndata: x\n\n", b"data: " + b"y" * 200 + b"\n\n",
+@pytest.mark.parametrize(("chunk", "taken"), [
+    (b"data: x\n\n", True), (b"data:x\n\n", True), (b"data:  two spaces\n\n", True),
+    (b"data: \xff\xfe bad utf-8\n\n", True), (b"data:\n\n", True),
+    (b"data: x\r\n\r\n", False), (b"event: a\ndata: x\n\n", False), (b"data: a\n\ndata: b\n\n", False),
+    (b": comment\n\n", False), (b"data: x\n", False), (b"\xef\xbb\xbfdata: bom\n\n", False),
+    (b"id: 7\ndata: x\n\n", False), (b"data: " + b"y" * 200 + b"\n\n", False),
 ])
-def test_lone_data_is_what_feed_would_give(chunk: bytes) -> None:
+def test_lone_data_is_what_feed_would_give(chunk: bytes, taken: bool) -> None:
+    """The short way takes exactly the one-line events, and gives what `feed` gives; the rest go to `feed`."""
     short, full = SseParser(max_event=100), SseParser(max_event=100)
     data = short.lone_data(chunk)
     events = full.feed(chunk)
-    if data is None:
-        return   # not the short way's to take: the chunk goes to `feed`
-    assert [(e.event, e.data, e.id) for e in events] == [("message", data, None)]
-    assert short.idle and full.idle
+    assert (data is not None) is taken
+    if data is not None:
+        assert [(e.event, e.data, e.id) for e in events] == [("message", data, None)]
+        assert short.idle and full.idle
 
 
 def test_lone_data_needs_an_idle_parser() -> None:

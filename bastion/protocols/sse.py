@@ -56,23 +56,22 @@ class SseParser:
         """Between events: nothing held (no unfinished line or event). A chunk of whole events fed now could be
         skipped by a caller that knows it holds nothing of interest, without upsetting what follows (only an
         `id:` line in it would be lost)."""
-        return (self._started and not self._pending and not self._data and not self._event and not self._pending_cr
-                and not self._skip_event and not self._skip_line)
+        return self._started and self._holds_nothing()
 
-    @property
-    def last_id(self) -> str | None:
-        return self._last_id
+    def _holds_nothing(self) -> bool:
+        return not (self._pending or self._data or self._event or self._pending_cr or self._skip_event
+                    or self._skip_line)
 
     def lone_data(self, chunk: bytes) -> str | None:
         """The data of `chunk` if it is exactly one event of one `data:` line (`data: ...` and a blank line,
         no CR, no other line end) and the parser is idle; None otherwise, and nothing is consumed. The chunk
-        is then taken as `feed` would take it (its event is `message`, with `last_id`), without splitting
-        lines or building an event: the usual chunk of a streamed model answer, read the short way."""
+        is then taken as `feed` would take it (an event named `message`, with the last id seen), without
+        splitting lines or building an event: the usual chunk of a streamed model answer, read the short way."""
         end = len(chunk) - 2
         if not (0 <= end <= self.max_event and chunk.startswith(b"data:") and chunk.find(b"\n") == end
                 and chunk[-1] == 0x0A and chunk.find(b"\r") < 0):
             return None
-        if self._pending or self._data or self._event or self._pending_cr or self._skip_event or self._skip_line:
+        if not self._holds_nothing():
             return None   # not idle (before the first line it may be: a chunk starting `data:` has no BOM)
         self._started = True
         return chunk[6 if chunk[5:6] == b" " else 5:end].decode("utf-8", "replace")
